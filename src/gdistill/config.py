@@ -1,0 +1,324 @@
+"""Configuration: dataclasses whose defaults are the paper's values (COCO, ResNet-50).
+
+YAML files and ``key=value`` command-line overrides only change fields; they never add any.
+Keys are dotted paths into :class:`Config`, e.g. ``solver.max_iters=2000`` or
+``model.backbone=swin_tiny_patch4_window7_224``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gdistill.errors import GdistillError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataConfig:
+    """Input pipeline. Sizes are in pixels; the paper's COCO LSJ pipeline is the default."""
+
+    image_size: int = 1024  # side of the square training crop (LSJ fixed-size crop)
+    scale_range: tuple[float, float] = (0.1, 2.0)  # large-scale jitter of the crop side
+    test_short_side: int = 800  # evaluation resize: shortest edge ...
+    test_max_side: int = 1333  # ... with the longest edge capped
+    batch_size: int = 16  # labelled images per step (per process)
+    unlabelled_batch_size: int = 16  # unlabelled images per step (per process), stage B only
+    num_workers: int = 4
+    repeat_factor_threshold: float = 0.0  # > 0: LVIS repeat-factor sampling of labelled images
+    eval_batch_size: int = 4
+
+
+@dataclass
+class ModelConfig:
+    """Mask2Former (paper: R50 config of Mask2Former / GuidedDistillation)."""
+
+    backbone: str = "resnet50"  # any timm model name
+    pretrained: bool = True  # timm weights (downloads); ignored when backbone_weights is set
+    backbone_weights: str = ""  # local weights file for the backbone (state dict)
+    frozen_stages: int = 0  # 0: train all; n: freeze stem and the first n - 1 stages
+    num_classes: int = 0  # K thing classes; filled in from the labelled data
+    hidden_dim: int = 256
+    num_queries: int = 100
+    dec_layers: int = 9  # masked-attention layers; predictions = dec_layers + 1
+    nheads: int = 8
+    dim_feedforward: int = 2048
+    enc_layers: int = 6  # deformable-attention encoder layers of the pixel decoder
+    enc_points: int = 4
+    enc_dim_feedforward: int = 1024
+    mask_dim: int = 256
+    pixel_mean: tuple[float, float, float] = IMAGENET_MEAN  # images enter the model in [0, 1]
+    pixel_std: tuple[float, float, float] = IMAGENET_STD
+    size_divisibility: int = 32
+    detections_per_image: int = 100
+
+
+@dataclass
+class LossConfig:
+    """Set criterion and Hungarian matcher weights (Mask2Former R50 configs)."""
+
+    class_weight: float = 2.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    no_object_weight: float = 0.1
+    num_points: int = 12544  # 112 * 112
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+
+
+@dataclass
+class SolverConfig:
+    """AdamW with a multi-step (COCO) or poly (Cityscapes) schedule, iteration based."""
+
+    max_iters: int = 368750
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    backbone_lr_mult: float = 0.1
+    clip_grad_norm: float = 0.01  # full-model L2 norm; 0 disables
+    lr_schedule: str = "step"  # step | poly
+    lr_steps: tuple[int, ...] = (327778, 355092)
+    lr_gamma: float = 0.1
+    poly_power: float = 0.9
+    warmup_iters: int = 10
+    warmup_factor: float = 1.0
+    amp: str = "fp16"  # fp16 | bf16 | none; CUDA only, CPU always runs fp32
+
+
+@dataclass
+class DistillConfig:
+    """Stage B (guided distillation). Defaults are GuidedDistillation's."""
+
+    burn_in: str = "guided"  # guided | standard | none
+    burnin_iters: int = 50000
+    ema_decay: float = 0.9996
+    unsup_weight: float = 2.0
+    score_threshold: float = 0.7  # max softmax over K+1 classes must exceed this
+    min_mask_area: float = 5.0  # soft area (sum of sigmoid) at mask resolution must exceed this
+    mask_threshold: float = 0.5  # pseudo-mask = sigmoid(logit) > mask_threshold
+    student_init: str = "pretrained"  # pretrained (fresh heads) | teacher
+    diagnostic_thresholds: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    eval_period: int = 5000
+    checkpoint_period: int = 5000
+    log_period: int = 20
+    picture_period: int = 0  # 0: pictures only at evaluations
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain dict (tuples become lists) suitable for YAML or a checkpoint."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(cfg)
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        ftype = _field_types(cls)[f.name]
+        if dataclasses.is_dataclass(ftype):
+            keys.extend(_all_keys(ftype, prefix + f.name + "."))
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unknown_key_error(key: str, source: str) -> GdistillError:
+    close = difflib.get_close_matches(key, _all_keys(Config), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return GdistillError(f"{source}: unknown config key '{key}'{hint}")
+
+
+def _coerce(value: Any, ftype: Any, key: str, source: str) -> Any:
+    """Convert a YAML / command-line value to the field's declared type."""
+    origin = typing.get_origin(ftype)
+    try:
+        if ftype is bool:
+            if isinstance(value, str):
+                low = value.lower()
+                if low in ("true", "1", "yes", "on"):
+                    return True
+                if low in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if isinstance(value, (bool, int)):
+                return bool(value)
+            raise ValueError(value)
+        if ftype is int:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if ftype is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if ftype is str:
+            return "" if value is None else str(value)
+        if origin is tuple:
+            if isinstance(value, str):
+                value = yaml.safe_load(value if value.strip().startswith("[") else f"[{value}]")
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(value)
+            args = typing.get_args(ftype)
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_coerce(v, args[0], key, source) for v in value)
+            if len(args) != len(value):
+                raise ValueError(f"expected {len(args)} values")
+            return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
+        if origin in (typing.Union, types.UnionType):
+            raise ValueError("union types are not supported")
+    except (ValueError, TypeError) as exc:
+        raise GdistillError(
+            f"{source}: config key '{key}' expects {_type_name(ftype)}, got {value!r}"
+        ) from exc
+    return value
+
+
+def _type_name(ftype: Any) -> str:
+    return getattr(ftype, "__name__", None) or str(ftype).replace("typing.", "")
+
+
+def _set_key(cfg: Any, key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    target = cfg
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(target) or part not in _field_types(type(target)):
+            raise _unknown_key_error(key, source)
+        ftype = _field_types(type(target))[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(ftype):
+                if not isinstance(value, dict):
+                    raise GdistillError(f"{source}: config key '{key}' is a section, not a value")
+                for sub_key, sub_value in value.items():
+                    _set_key(cfg, f"{key}.{sub_key}", sub_value, source)
+            else:
+                setattr(target, part, _coerce(value, ftype, key, source))
+        else:
+            target = getattr(target, part)
+
+
+def apply_dict(cfg: Config, values: dict[str, Any], source: str) -> Config:
+    """Apply a nested dict of overrides in place; unknown keys are errors naming `source`."""
+    for key, value in values.items():
+        _set_key(cfg, str(key), value, source)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``key=value`` strings (values parsed as YAML scalars) in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise GdistillError(f"command line: override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        _set_key(cfg, key, _parse_scalar(raw), "command line")
+    return cfg
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file (if any), then ``key=value`` overrides."""
+    cfg = Config()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise GdistillError(f"{path}: config file not found")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            where = f" (line {line + 1})" if line is not None else ""
+            raise GdistillError(f"{path}: malformed YAML{where}") from exc
+        if not isinstance(values, dict):
+            raise GdistillError(f"{path}: expected a mapping of config keys at the top level")
+        apply_dict(cfg, values, str(path))
+    if overrides:
+        apply_overrides(cfg, overrides)
+    validate_config(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any], source: str = "checkpoint") -> Config:
+    cfg = apply_dict(Config(), values, source)
+    validate_config(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+_CHOICES = {
+    "solver.lr_schedule": ("step", "poly"),
+    "solver.amp": ("fp16", "bf16", "none"),
+    "distill.burn_in": ("guided", "standard", "none"),
+    "distill.student_init": ("pretrained", "teacher"),
+}
+
+
+def validate_config(cfg: Config) -> None:
+    """Reject values that cannot work, naming the key."""
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise GdistillError(f"config key '{key}' must be one of {', '.join(allowed)}, got {value!r}")
+    positive = {
+        "data.image_size": cfg.data.image_size,
+        "data.batch_size": cfg.data.batch_size,
+        "model.num_queries": cfg.model.num_queries,
+        "model.hidden_dim": cfg.model.hidden_dim,
+        "loss.num_points": cfg.loss.num_points,
+        "solver.max_iters": cfg.solver.max_iters,
+        "solver.lr": cfg.solver.lr,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise GdistillError(f"config key '{key}' must be positive, got {value}")
+    lo, hi = cfg.data.scale_range
+    if not 0 < lo <= hi:
+        raise GdistillError(f"config key 'data.scale_range' must satisfy 0 < min <= max, got {lo, hi}")
+    if not 0.0 <= cfg.distill.ema_decay <= 1.0:
+        raise GdistillError(f"config key 'distill.ema_decay' must be in [0, 1], got {cfg.distill.ema_decay}")
+    if cfg.model.hidden_dim % cfg.model.nheads:
+        raise GdistillError("config key 'model.hidden_dim' must be divisible by 'model.nheads'")

@@ -1,0 +1,9 @@
+"""The one exception type users see: a clear, one-line message about their input."""
+
+
+class GdistillError(Exception):
+    """Bad input or configuration. The CLI prints `error: <message>` and exits with status 2.
+
+    Messages name the file (or config key) and the problem in one line, e.g.
+    ``train.json: annotation 17 references unknown image_id 9``.
+    """
