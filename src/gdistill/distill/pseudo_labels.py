@@ -1,0 +1,141 @@
+"""Teacher outputs → hard pseudo-labels in the criterion's target format, and their diagnostics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@torch.no_grad()
+def pseudo_labels_from_teacher(
+    pred_logits: Tensor,
+    pred_masks: Tensor,
+    score_threshold: float = 0.7,
+    min_mask_area: float = 5.0,
+    mask_threshold: float = 0.5,
+    valid: Tensor | None = None,
+) -> tuple[list[dict[str, Tensor]], dict[str, float]]:
+    """Filter the teacher's final predictions into targets (GuidedDistillation's filter).
+
+    pred_logits [B, Q, K+1], pred_masks [B, Q, h, w] (mask logits at stride 4).
+    valid: optional bool [B, H, W] of real (non-padding) pixels of the input batch; masks are
+    cleared outside it so padding never becomes part of a pseudo-object.
+
+    A query is kept when its argmax is not no-object, its max softmax probability over all K+1
+    classes exceeds ``score_threshold`` and its soft area (sum of sigmoid over the mask) exceeds
+    ``min_mask_area``. Returns per image ``{"labels": int64 [N], "masks": bool [N, h, w],
+    "scores": [N]}`` and step statistics (kept, candidates, mean score, images with none).
+    """
+    num_classes = pred_logits.shape[-1] - 1
+    probs = pred_logits.float().softmax(-1)
+    scores, labels = probs.max(-1)  # [B, Q]
+    mask_probs = pred_masks.float().sigmoid()
+    if valid is not None:
+        small_valid = F.interpolate(valid[:, None].float(), size=pred_masks.shape[-2:], mode="nearest")
+        mask_probs = mask_probs * small_valid
+    soft_area = mask_probs.flatten(2).sum(-1)  # [B, Q]
+    candidates = labels != num_classes
+    keep = candidates & (scores > score_threshold) & (soft_area > min_mask_area)
+
+    targets = []
+    for i in range(pred_logits.shape[0]):
+        idx = keep[i].nonzero(as_tuple=True)[0]
+        targets.append(
+            {
+                "labels": labels[i, idx],
+                "masks": mask_probs[i, idx] > mask_threshold,
+                "scores": scores[i, idx],
+            }
+        )
+    kept = int(keep.sum())
+    stats = {
+        "pl_kept": float(kept),
+        "pl_candidates": float(candidates.sum()),
+        "pl_mean_score": float(scores[keep].mean()) if kept else 0.0,
+        "pl_images_without": float(sum(1 for t in targets if len(t["labels"]) == 0)),
+        "pl_per_image": kept / max(1, pred_logits.shape[0]),
+    }
+    return targets, stats
+
+
+def class_histogram(targets: Sequence[dict[str, Tensor]], num_classes: int) -> list[int]:
+    """Pseudo-labels per class over a batch."""
+    counts = torch.zeros(num_classes, dtype=torch.long)
+    for t in targets:
+        counts += torch.bincount(t["labels"].cpu(), minlength=num_classes)
+    return counts.tolist()
+
+
+def mask_iou(a: Tensor, b: Tensor) -> Tensor:
+    """a bool [N, H, W], b bool [M, H, W] → IoU [N, M]."""
+    a = a.flatten(1).float()
+    b = b.flatten(1).float()
+    inter = a @ b.T
+    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
+    return inter / union.clamp(min=1.0)
+
+
+def count_true_positives(
+    pred_labels: Tensor,
+    pred_masks: Tensor,
+    pred_scores: Tensor,
+    gt_labels: Tensor,
+    gt_masks: Tensor,
+    iou_threshold: float = 0.5,
+) -> int:
+    """Greedy matching by descending score: a prediction is correct when it has the right class
+    and IoU >= ``iou_threshold`` with a ground-truth mask not matched before."""
+    if len(pred_labels) == 0 or len(gt_labels) == 0:
+        return 0
+    ious = mask_iou(pred_masks, gt_masks)
+    ious[pred_labels[:, None] != gt_labels[None, :]] = -1.0
+    matched = torch.zeros(len(gt_labels), dtype=torch.bool)
+    tp = 0
+    for p in pred_scores.argsort(descending=True).tolist():
+        row = ious[p].clone()
+        row[matched] = -1.0
+        best = int(row.argmax())
+        if row[best] >= iou_threshold:
+            matched[best] = True
+            tp += 1
+    return tp
+
+
+class PseudoLabelQuality:
+    """Accumulates pseudo-label precision and recall against ground truth at several thresholds."""
+
+    def __init__(self, thresholds: Sequence[float], iou_threshold: float = 0.5) -> None:
+        self.thresholds = [float(t) for t in thresholds]
+        self.iou_threshold = iou_threshold
+        self.tp = [0] * len(self.thresholds)
+        self.num_pred = [0] * len(self.thresholds)
+        self.num_gt = 0
+
+    def update(
+        self,
+        labels: Tensor,
+        masks: Tensor,
+        scores: Tensor,
+        gt_labels: Tensor,
+        gt_masks: Tensor,
+    ) -> None:
+        """One image: every candidate pseudo-label (already area-filtered) with its score; the
+        threshold sweep keeps those with score > t."""
+        self.num_gt += len(gt_labels)
+        for i, t in enumerate(self.thresholds):
+            keep = scores > t
+            self.num_pred[i] += int(keep.sum())
+            self.tp[i] += count_true_positives(
+                labels[keep], masks[keep], scores[keep], gt_labels, gt_masks, self.iou_threshold
+            )
+
+    def summary(self) -> dict[str, float]:
+        """``{"pl_precision@0.7": .., "pl_recall@0.7": .., "pl_per_image@0.7": ..}`` for each t."""
+        out = {}
+        for t, tp, n in zip(self.thresholds, self.tp, self.num_pred):
+            out[f"pl_precision@{t:g}"] = tp / n if n else 0.0
+            out[f"pl_recall@{t:g}"] = tp / self.num_gt if self.num_gt else 0.0
+        return out

@@ -1,0 +1,92 @@
+"""Self-describing checkpoints, written atomically; resume state."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gdistill.errors import GdistillError
+
+CHECKPOINT_FORMAT = "gdistill-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``: a crash
+    leaves either the old file or the new one, never a half-written file."""
+    path = Path(path)
+    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a gdistill checkpoint on the CPU; a missing, truncated or foreign file is a one-line
+    error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise GdistillError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for truncated / non-torch files
+        raise GdistillError(f"{path}: not a readable checkpoint (truncated or corrupt: {type(exc).__name__})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise GdistillError(f"{path}: not a gdistill checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
+    if payload.get("version", 0) > CHECKPOINT_VERSION:
+        raise GdistillError(f"{path}: checkpoint version {payload['version']} is newer than this gdistill")
+    return payload
+
+
+def latest_good_checkpoint(run_dir: str | Path) -> tuple[dict[str, Any], Path] | None:
+    """The newest readable resume checkpoint of a run (``last.pt``, else ``last.prev.pt``)."""
+    run_dir = Path(run_dir)
+    errors = []
+    for name in ("last.pt", "last.prev.pt"):
+        path = run_dir / name
+        if not path.exists():
+            continue
+        try:
+            return load_checkpoint(path), path
+        except GdistillError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise GdistillError(f"{run_dir}: no readable checkpoint to resume from ({'; '.join(errors)})")
+    return None
+
+
+def rotate_and_save(payload: dict[str, Any], run_dir: str | Path) -> Path:
+    """Save ``last.pt``, keeping the previous one as ``last.prev.pt`` for recovery."""
+    run_dir = Path(run_dir)
+    last = run_dir / "last.pt"
+    if last.exists():
+        os.replace(last, run_dir / "last.prev.pt")
+    save_checkpoint(payload, last)
+    return last

@@ -1,0 +1,68 @@
+"""What every run writes next to its outputs: resolved config, seed, versions, git commit."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from gdistill.config import Config, save_config
+
+
+def git_commit() -> str | None:
+    """The commit of the gdistill source tree, if it is a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here, capture_output=True, text=True, timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def package_versions() -> dict[str, str]:
+    import numpy
+    import scipy
+    import timm
+    import torch
+    import torchvision
+
+    import gdistill
+
+    return {
+        "gdistill": gdistill.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+        "cuda": torch.version.cuda or "none",
+    }
+
+
+def write_run_info(out_dir: Path, cfg: Config, extra: dict[str, Any] | None = None) -> None:
+    """Write ``config.yaml`` (fully resolved) and ``run.json`` (seed, versions, commit, command)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    info = {
+        "seed": cfg.seed,
+        "command": sys.argv,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "versions": package_versions(),
+        "platform": platform.platform(),
+        **(extra or {}),
+    }
+    (out_dir / "run.json").write_text(json.dumps(info, indent=2, default=str) + "\n")

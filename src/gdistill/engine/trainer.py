@@ -1,0 +1,476 @@
+"""The training loop. One loop serves both stages:
+
+- stage A (``gdistill train``): the model learns from labelled images only;
+- stage B (``gdistill distill``): a teacher (its own module, never trained by the optimizer)
+  turns the weak view of unlabelled images into pseudo-labels for the student's strong view.
+
+Read it top to bottom: set-up, resume, then one iteration = (teacher update) → labelled loss →
+(unlabelled loss) → backward → step → log → evaluate → checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from gdistill.config import Config, config_from_dict, config_to_dict
+from gdistill.data.augment import LabelledAugment, UnlabelledAugment
+from gdistill.data.coco import CocoDataset
+from gdistill.data.loader import (
+    EvalDataset,
+    InfiniteSampler,
+    LabelledDataset,
+    RepeatFactorSampler,
+    UnlabelledDataset,
+    collate_eval,
+    collate_labelled,
+    collate_unlabelled,
+    infinite_loader,
+    repeat_factors,
+)
+from gdistill.data.sources import UnlabelledImage
+from gdistill.distill.ema import ema_update
+from gdistill.distill.pseudo_labels import class_histogram, pseudo_labels_from_teacher
+from gdistill.distill.schedule import phase_name, teacher_decay_for_step, unsupervised_loss_active
+from gdistill.engine.checkpoint import (
+    latest_good_checkpoint,
+    load_checkpoint,
+    rng_state,
+    rotate_and_save,
+    save_checkpoint,
+    set_rng_state,
+)
+from gdistill.engine.evaluate import autocast_for, evaluate_model
+from gdistill.engine.optim import build_optimizer, build_scheduler
+from gdistill.engine.run_info import write_run_info
+from gdistill.errors import GdistillError
+from gdistill.model.criterion import SetCriterion
+from gdistill.model.mask2former import Mask2Former, build_model, images_to_model_input
+from gdistill.model.matcher import HungarianMatcher
+
+MAX_NONFINITE_IN_A_ROW = 5
+
+
+@dataclass
+class TrainingData:
+    """What a run learns from. ``unlabelled`` is only used by stage B."""
+
+    labelled: CocoDataset
+    images_dir: Path
+    val: CocoDataset | None = None
+    val_images_dir: Path | None = None
+    unlabelled: list[UnlabelledImage] | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GdistillError(f"config key 'device' is {name!r} but CUDA is not available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_criterion(cfg: Config, num_classes: int) -> SetCriterion:
+    loss = cfg.loss
+    matcher = HungarianMatcher(loss.class_weight, loss.mask_weight, loss.dice_weight, loss.num_points)
+    return SetCriterion(
+        num_classes, matcher, no_object_weight=loss.no_object_weight,
+        class_weight=loss.class_weight, mask_weight=loss.mask_weight, dice_weight=loss.dice_weight,
+        num_points=loss.num_points, oversample_ratio=loss.oversample_ratio,
+        importance_sample_ratio=loss.importance_sample_ratio,
+    )
+
+
+def check_class_names(expected: list[str], found: list[str], what: str) -> None:
+    if list(expected) != list(found):
+        raise GdistillError(
+            f"{what}: classes {found} do not match the labelled data's classes {expected}"
+        )
+
+
+def teacher_from_checkpoint(path: Path, class_names: list[str]) -> tuple[Mask2Former, Config]:
+    """Build the frozen teacher from a stage-A (or stage-B: its student) checkpoint."""
+    payload = load_checkpoint(path)
+    check_class_names(class_names, payload["class_names"], str(path))
+    teacher_cfg = config_from_dict(payload["config"], str(path))
+    teacher_cfg.model.pretrained = False  # weights come from the checkpoint
+    teacher_cfg.model.backbone_weights = ""
+    teacher = build_model(teacher_cfg.model, len(class_names))
+    teacher.load_state_dict(payload["model"])
+    return teacher, teacher_cfg
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class MetricsLog:
+    """Append-only CSV whose columns are fixed by its first row. On resume, rows at or after the
+    resume step are dropped so the file matches an uninterrupted run."""
+
+    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+        self.path = path
+        self.fields: list[str] | None = None
+        if resume_step is not None and path.exists():
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            rows = [r for r in rows if int(float(r["step"])) < resume_step]
+            if rows:
+                self.fields = list(rows[0].keys())
+                with open(path, "w", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=self.fields)
+                    writer.writeheader()
+                    writer.writerows(rows)
+            else:
+                path.unlink()
+        elif path.exists():
+            path.unlink()
+
+    def write(self, row: dict) -> None:
+        if self.fields is None:
+            self.fields = list(row.keys())
+            with open(self.path, "w", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.fields).writeheader()
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore").writerow(
+                {k: _fmt(row.get(k, "")) for k in self.fields}
+            )
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _to_device_targets(targets: list[dict], device: torch.device) -> list[dict]:
+    return [{"labels": t["labels"].to(device), "masks": t["masks"].to(device)} for t in targets]
+
+
+def _sum_losses(losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    return sum(losses.values())
+
+
+def train(
+    cfg: Config,
+    out_dir: str | Path,
+    data: TrainingData,
+    teacher_checkpoint: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Train and return the final metrics. Stage B when ``teacher_checkpoint`` is given (or when
+    resuming a stage-B run)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resumed = latest_good_checkpoint(out_dir) if resume else None
+    if resume and resumed is None:
+        raise GdistillError(f"{out_dir}: nothing to resume (no last.pt)")
+    if resumed is not None:
+        state, state_path = resumed
+        cfg = config_from_dict(state["config"], str(state_path))
+        stage = state["stage"]
+    else:
+        state = None
+        stage = "distill" if teacher_checkpoint else "teacher"
+    is_distill = stage == "distill"
+
+    device = resolve_device(cfg.device)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    class_names = data.labelled.class_names
+    category_ids = [data.labelled.category_id(c) for c in range(data.labelled.num_classes)]
+    num_classes = len(class_names)
+    cfg.model.num_classes = num_classes
+
+    # ---- models: student (trained) and, in stage B, a teacher (its own module, frozen)
+    teacher = None
+    if is_distill:
+        if state is not None:
+            teacher_cfg = config_from_dict(state["config"], "checkpoint")
+            teacher = build_model(_no_download(teacher_cfg).model, num_classes)
+        else:
+            teacher, teacher_cfg = teacher_from_checkpoint(Path(teacher_checkpoint), class_names)
+            # The student has the teacher's architecture; only its initial weights may differ.
+            student_model_cfg = copy.deepcopy(teacher_cfg.model)
+            student_model_cfg.pretrained = cfg.model.pretrained
+            student_model_cfg.backbone_weights = cfg.model.backbone_weights
+            student_model_cfg.frozen_stages = cfg.model.frozen_stages
+            cfg.model = student_model_cfg
+        freeze(teacher).to(device)
+    student_cfg = _no_download(copy.deepcopy(cfg)) if state is not None else cfg
+    student = build_model(student_cfg.model, num_classes)
+    if is_distill and state is None and cfg.distill.student_init == "teacher":
+        student.load_state_dict(teacher.state_dict())
+    student.to(device).train()
+    criterion = build_criterion(cfg, num_classes).to(device)
+    optimizer = build_optimizer(student, cfg.solver.lr, cfg.solver.weight_decay, cfg.solver.backbone_lr_mult)
+    scheduler = build_scheduler(optimizer, cfg.solver)
+    use_scaler = device.type == "cuda" and cfg.solver.amp == "fp16"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+
+    start_step, best_ap, last_eval = 0, -1.0, {}
+    if state is not None:
+        student.load_state_dict(state["model"])
+        if teacher is not None:
+            teacher.load_state_dict(state["teacher"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_step = state["step"]
+        best_ap = state["best_ap"]
+        last_eval = state.get("last_eval", {})
+        set_rng_state(state["rng"])
+    else:
+        write_run_info(out_dir, cfg, {
+            "stage": stage,
+            "teacher_checkpoint": str(teacher_checkpoint) if teacher_checkpoint else None,
+            "labelled": str(data.labelled.path),
+            "labelled_images": len(data.labelled.images),
+            "unlabelled_images": len(data.unlabelled or []),
+            "val": str(data.val.path) if data.val else None,
+            "classes": class_names,
+        })
+
+    # ---- data: infinite seeded streams, positioned where an interrupted run left off
+    dcfg = cfg.data
+    labelled_ds = LabelledDataset(
+        data.labelled, data.images_dir,
+        LabelledAugment(dcfg.image_size, dcfg.scale_range), seed=cfg.seed,
+    )
+    if dcfg.repeat_factor_threshold > 0:
+        sampler = RepeatFactorSampler(repeat_factors(data.labelled, dcfg.repeat_factor_threshold), seed=cfg.seed)
+    else:
+        sampler = InfiniteSampler(len(labelled_ds), seed=cfg.seed)
+    labelled_iter = infinite_loader(labelled_ds, dcfg.batch_size, collate_labelled, sampler,
+                                    dcfg.num_workers, seed=cfg.seed,
+                                    start_batch=start_step)
+    unlabelled_iter = None
+    if is_distill:
+        if not data.unlabelled:
+            raise GdistillError("distillation needs unlabelled images (--unlabelled)")
+        unlabelled_ds = UnlabelledDataset(
+            data.unlabelled, UnlabelledAugment(dcfg.image_size, dcfg.scale_range), seed=cfg.seed + 1
+        )
+        consumed = sum(
+            unsupervised_loss_active(s, cfg.distill.burn_in, cfg.distill.burnin_iters)
+            for s in range(start_step)
+        )
+        unlabelled_iter = infinite_loader(
+            unlabelled_ds, dcfg.unlabelled_batch_size, collate_unlabelled,
+            InfiniteSampler(len(unlabelled_ds), seed=cfg.seed + 1), dcfg.num_workers,
+            seed=cfg.seed + 1, start_batch=consumed,
+        )
+    val_loader = None
+    if data.val is not None:
+        val_loader = torch.utils.data.DataLoader(
+            EvalDataset(data.val, data.val_images_dir, dcfg.test_short_side, dcfg.test_max_side),
+            batch_size=dcfg.eval_batch_size, shuffle=False, collate_fn=collate_eval,
+            num_workers=min(dcfg.num_workers, 2),
+        )
+
+    step_log = MetricsLog(out_dir / "metrics.csv", start_step if state is not None else None)
+    eval_log = MetricsLog(out_dir / "eval.csv", start_step if state is not None else None)
+
+    def evaluate(step: int) -> dict:
+        if val_loader is None:
+            return {}
+        row: dict = {"step": step}
+        metrics, _ = evaluate_model(
+            student, val_loader, data.val, device, cfg.model.detections_per_image,
+            cfg.solver.amp, desc="eval student", progress=progress,
+        )
+        row.update({f"student_{k}": v for k, v in metrics.items() if not isinstance(v, dict)})
+        if teacher is not None:
+            metrics_t, _ = evaluate_model(
+                teacher, val_loader, data.val, device, cfg.model.detections_per_image,
+                "none", pseudo_label_thresholds=tuple(sorted(set(
+                    (*cfg.distill.diagnostic_thresholds, cfg.distill.score_threshold)))),
+                min_mask_area=cfg.distill.min_mask_area,
+                mask_threshold=cfg.distill.mask_threshold, desc="eval teacher", progress=progress,
+            )
+            row.update({f"teacher_{k}": v for k, v in metrics_t.items() if not isinstance(v, dict)})
+        eval_log.write(row)
+        return row
+
+    def checkpoint_payload(step: int, with_optimizer: bool) -> dict:
+        payload = {
+            "stage": stage,
+            "config": config_to_dict(cfg),
+            "class_names": class_names,
+            "category_ids": category_ids,
+            "model": student.state_dict(),
+            "teacher": teacher.state_dict() if teacher is not None else None,
+            "step": step,
+            "best_ap": best_ap,
+            "last_eval": last_eval,
+        }
+        if with_optimizer:
+            payload.update(
+                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict() if use_scaler else None, rng=rng_state(),
+            )
+        return payload
+
+    # ---- the loop
+    dist = cfg.distill
+    max_iters = cfg.solver.max_iters
+    bar = tqdm(total=max_iters, initial=start_step, disable=not progress, dynamic_ncols=True,
+               desc="distill" if is_distill else "train")
+    window: dict[str, float] = {}
+    window_steps = 0
+    nonfinite_in_a_row = 0
+    skipped_steps = 0
+    t_window = time.perf_counter()
+    for step in range(start_step, max_iters):
+        if teacher is not None:
+            decay = teacher_decay_for_step(step, dist.burn_in, dist.burnin_iters, dist.ema_decay)
+            if decay is not None:
+                ema_update(teacher, student, decay)
+
+        batch = next(labelled_iter)
+        images = images_to_model_input(batch["images"].to(device, non_blocking=True))
+        targets = _to_device_targets(batch["targets"], device)
+        step_stats: dict[str, float] = {}
+        unsup_targets = None
+        if unlabelled_iter is not None and unsupervised_loss_active(step, dist.burn_in, dist.burnin_iters):
+            ubatch = next(unlabelled_iter)
+            with torch.no_grad():  # the teacher: eval mode, fp32, weak view
+                weak = images_to_model_input(ubatch["weak"].to(device, non_blocking=True))
+                t_out = teacher(weak)
+                unsup_targets, step_stats = pseudo_labels_from_teacher(
+                    t_out["pred_logits"], t_out["pred_masks"], dist.score_threshold,
+                    dist.min_mask_area, dist.mask_threshold, ubatch["valid"].to(device),
+                )
+            for t in unsup_targets:
+                t.pop("scores")
+            strong = images_to_model_input(ubatch["strong"].to(device, non_blocking=True))
+
+        with autocast_for(device, cfg.solver.amp):
+            if unsup_targets is not None and strong.shape[1:] == images.shape[1:]:
+                # One student forward over [labelled; strong] (same crop size), split afterwards.
+                outputs = student(torch.cat([images, strong]))
+                n = images.shape[0]
+                sup_out, unsup_out = _split_outputs(outputs, n)
+            else:
+                sup_out = student(images)
+                unsup_out = student(strong) if unsup_targets is not None else None
+            sup_losses = criterion(sup_out, targets)
+            loss_sup = _sum_losses(sup_losses)
+            loss = loss_sup
+            loss_unsup = torch.zeros((), device=device)
+            if unsup_out is not None:
+                loss_unsup = dist.unsup_weight * _sum_losses(criterion(unsup_out, unsup_targets))
+                loss = loss + loss_unsup
+
+        if not torch.isfinite(loss):
+            # A non-finite loss never reaches the weights or a checkpoint.
+            optimizer.zero_grad(set_to_none=True)
+            nonfinite_in_a_row += 1
+            skipped_steps += 1
+            if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                raise GdistillError(
+                    f"training stopped at step {step}: loss was not finite {nonfinite_in_a_row} "
+                    "steps in a row (lower solver.lr, check the data, or use solver.amp=bf16)"
+                )
+            scheduler.step()
+            bar.update(1)
+            continue
+        nonfinite_in_a_row = 0
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.solver.clip_grad_norm > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.solver.clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+
+        # ---- logging (averages over the log window)
+        values = {"loss": float(loss), "loss_sup": float(loss_sup), "loss_unsup": float(loss_unsup)}
+        for key in ("loss_ce", "loss_mask", "loss_dice"):
+            values[key] = float(sup_losses[key])
+        if teacher is not None:
+            values.update({k: step_stats.get(k, 0.0) for k in
+                           ("pl_kept", "pl_candidates", "pl_mean_score", "pl_images_without", "pl_per_image")})
+        for k, v in values.items():
+            window[k] = window.get(k, 0.0) + v
+        window_steps += 1
+        done = step + 1
+        if done % cfg.log_period == 0 or done == max_iters:
+            elapsed = time.perf_counter() - t_window
+            row = {"step": done, "lr": optimizer.param_groups[-1]["lr"]}
+            if teacher is not None:
+                row["phase"] = phase_name(step, dist.burn_in, dist.burnin_iters)
+            row.update({k: v / window_steps for k, v in window.items()})
+            row["sec_per_iter"] = elapsed / window_steps
+            row["skipped_steps"] = skipped_steps
+            if teacher is not None and unsup_targets is not None:
+                row["pl_per_class"] = "|".join(str(c) for c in class_histogram(unsup_targets, num_classes))
+            step_log.write(row)
+            postfix = {"loss": f"{row['loss']:.2f}"}
+            if teacher is not None:
+                postfix["unsup"] = f"{row['loss_unsup']:.2f}"
+                postfix["pl/img"] = f"{row['pl_per_image']:.1f}"
+            if last_eval:
+                postfix["AP"] = f"{last_eval.get('student_AP', 0.0):.1f}"
+                if "teacher_pl_precision@%g" % dist.score_threshold in last_eval:
+                    postfix["pl_prec"] = f"{last_eval['teacher_pl_precision@%g' % dist.score_threshold]:.2f}"
+            bar.set_postfix(postfix)
+            window, window_steps, t_window = {}, 0, time.perf_counter()
+        bar.update(1)
+
+        # ---- evaluation, checkpoints
+        if (cfg.eval_period > 0 and done % cfg.eval_period == 0) or done == max_iters:
+            last_eval = evaluate(done)
+            ap = last_eval.get("student_AP", -1.0)
+            if val_loader is not None and ap > best_ap:
+                best_ap = ap
+                save_checkpoint(checkpoint_payload(done, with_optimizer=False), out_dir / "best.pt")
+        if (cfg.checkpoint_period > 0 and done % cfg.checkpoint_period == 0) or done == max_iters:
+            rotate_and_save(checkpoint_payload(done, with_optimizer=True), out_dir)
+    bar.close()
+    if val_loader is None and not (out_dir / "best.pt").exists():
+        save_checkpoint(checkpoint_payload(max_iters, with_optimizer=False), out_dir / "best.pt")
+    return {"best_AP": best_ap, **last_eval}
+
+
+def _split_outputs(outputs: dict, n: int) -> tuple[dict, dict]:
+    def part(d: dict, sl: slice) -> dict:
+        return {"pred_logits": d["pred_logits"][sl], "pred_masks": d["pred_masks"][sl]}
+
+    first = part(outputs, slice(0, n))
+    second = part(outputs, slice(n, None))
+    first["aux_outputs"] = [part(a, slice(0, n)) for a in outputs["aux_outputs"]]
+    second["aux_outputs"] = [part(a, slice(n, None)) for a in outputs["aux_outputs"]]
+    return first, second
+
+
+def _no_download(cfg: Config) -> Config:
+    """A config whose model is built without fetching or reading backbone weights (they are
+    about to be overwritten from a checkpoint)."""
+    cfg.model.pretrained = False
+    cfg.model.backbone_weights = ""
+    return cfg
+
+

@@ -1,0 +1,153 @@
+"""Masked-attention transformer decoder (Mask2Former's multi-scale decoder)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gdistill.model.position_encoding import PositionEmbeddingSine
+
+NUM_LEVELS = 3
+
+
+class MLP(nn.Module):
+    """``num_layers`` Linear layers with ReLU in between (none after the last)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class DecoderLayer(nn.Module):
+    """Masked cross-attention → self-attention → FFN, each with residual + post-LayerNorm.
+
+    Tensors are batch-first: queries [B, Q, C], memory [B, HW, C].
+    """
+
+    def __init__(self, dim: int, nheads: int, dim_feedforward: int) -> None:
+        super().__init__()
+        self.cross_attn = nn.MultiheadAttention(dim, nheads, dropout=0.0, batch_first=True)
+        self.norm_cross = nn.LayerNorm(dim)
+        self.self_attn = nn.MultiheadAttention(dim, nheads, dropout=0.0, batch_first=True)
+        self.norm_self = nn.LayerNorm(dim)
+        self.linear1 = nn.Linear(dim, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, dim)
+        self.norm_ffn = nn.LayerNorm(dim)
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(
+        self, tgt: Tensor, query_pos: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None
+    ) -> Tensor:
+        """tgt, query_pos [B, Q, C]; key (memory + pos), value (memory) [B, HW, C];
+        attn_mask bool [B*nheads, Q, HW], True = may not attend."""
+        out = self.cross_attn(tgt + query_pos, key, value, attn_mask=attn_mask, need_weights=False)
+        tgt = self.norm_cross(tgt + out[0])
+        q = tgt + query_pos
+        tgt = self.norm_self(tgt + self.self_attn(q, q, tgt, need_weights=False)[0])
+        return self.norm_ffn(tgt + self.linear2(F.relu(self.linear1(tgt))))
+
+
+class MaskedAttentionDecoder(nn.Module):
+    """Learnable queries refined by masked attention over 3 feature levels, round-robin.
+
+    Predictions (class logits and mask logits) are made from the learnable queries before the
+    first layer and after every layer: ``dec_layers + 1`` sets. The last is the output, the
+    others are ``aux_outputs`` in order. Layer i attends to level ``i % 3`` only where
+    prediction i's mask (bilinearly resized to that level) has sigmoid >= 0.5; a query whose
+    mask is empty at that level attends everywhere.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        hidden_dim: int = 256,
+        num_queries: int = 100,
+        nheads: int = 8,
+        dim_feedforward: int = 2048,
+        dec_layers: int = 9,
+        mask_dim: int = 256,
+        in_channels: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_queries = num_queries
+        self.nheads = nheads
+        self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
+        in_channels = hidden_dim if in_channels is None else in_channels
+        self.input_proj = nn.ModuleList(
+            nn.Identity() if in_channels == hidden_dim else nn.Conv2d(in_channels, hidden_dim, 1)
+            for _ in range(NUM_LEVELS)
+        )
+        self.level_embed = nn.Embedding(NUM_LEVELS, hidden_dim)
+        self.query_feat = nn.Embedding(num_queries, hidden_dim)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.layers = nn.ModuleList(
+            DecoderLayer(hidden_dim, nheads, dim_feedforward) for _ in range(dec_layers)
+        )
+        self.decoder_norm = nn.LayerNorm(hidden_dim)
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
+
+    def forward(self, multi_scale: list[Tensor], mask_features: Tensor) -> dict:
+        """multi_scale: 3 maps [B, C, h_l, w_l] ordered 1/32, 1/16, 1/8; mask_features
+        [B, mask_dim, H/4, W/4]. Returns ``{"pred_logits": [B, Q, K+1], "pred_masks":
+        [B, Q, H/4, W/4], "aux_outputs": [{"pred_logits", "pred_masks"}] * dec_layers}``."""
+        if len(multi_scale) != NUM_LEVELS:
+            raise ValueError(f"expected {NUM_LEVELS} feature levels, got {len(multi_scale)}")
+        batch = mask_features.shape[0]
+        keys, values, sizes = [], [], []
+        for lvl, x in enumerate(multi_scale):
+            sizes.append(tuple(x.shape[-2:]))
+            pos = self.pe_layer(x).to(x.dtype).flatten(2).transpose(1, 2)  # [B, HW, C]
+            src = self.input_proj[lvl](x).flatten(2).transpose(1, 2) + self.level_embed.weight[lvl]
+            values.append(src)
+            keys.append(src + pos)  # the key of a level is the same for every layer
+
+        query_pos = self.query_embed.weight.unsqueeze(0).expand(batch, -1, -1)
+        tgt = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)
+
+        predictions = []
+        target_size = sizes[0] if self.layers else None
+        logits, masks, attn_mask = self._predict(tgt, mask_features, target_size)
+        predictions.append((logits, masks))
+        for i, layer in enumerate(self.layers):
+            lvl = i % NUM_LEVELS
+            tgt = layer(tgt, query_pos, keys[lvl], values[lvl], attn_mask)
+            next_size = sizes[(i + 1) % NUM_LEVELS] if i + 1 < len(self.layers) else None
+            logits, masks, attn_mask = self._predict(tgt, mask_features, next_size)
+            predictions.append((logits, masks))
+
+        *aux, (logits, masks) = predictions
+        return {
+            "pred_logits": logits,
+            "pred_masks": masks,
+            "aux_outputs": [{"pred_logits": a, "pred_masks": b} for a, b in aux],
+        }
+
+    def _predict(
+        self, tgt: Tensor, mask_features: Tensor, attn_size: tuple[int, int] | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Heads on queries [B, Q, C] → class logits [B, Q, K+1], mask logits [B, Q, H/4, W/4]
+        and, when ``attn_size`` is given, the next layer's attention mask
+        bool [B*nheads, Q, h*w] (True = blocked)."""
+        out = self.decoder_norm(tgt)
+        logits = self.class_embed(out)
+        masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(out), mask_features)
+        if attn_size is None:
+            return logits, masks, None
+        with torch.no_grad():
+            resized = F.interpolate(masks, size=attn_size, mode="bilinear", align_corners=False)
+            blocked = (resized < 0).flatten(2)  # sigmoid < 0.5  <=>  logit < 0
+            blocked &= ~blocked.all(-1, keepdim=True)  # empty masks: attend everywhere
+            attn_mask = blocked.repeat_interleave(self.nheads, dim=0)
+        return logits, masks, attn_mask

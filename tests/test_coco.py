@@ -1,0 +1,289 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gdistill.data.coco import (
+    CocoAnnotation,
+    decode_annotation_mask,
+    load_coco,
+    load_targets,
+    read_image,
+)
+from gdistill.errors import GdistillError
+
+# Hand-made 10x10 case: rows 2..4, columns 2..5 set.
+EXPECTED = np.zeros((10, 10), dtype=bool)
+EXPECTED[2:5, 2:6] = True
+POLYGON = [[2, 2, 6, 2, 6, 5, 2, 5]]
+# Column-major runs: 22 zeros, then (3 ones, 7 zeros) x3, 3 ones, 45 zeros.
+UNCOMPRESSED = {"size": [10, 10], "counts": [22, 3, 7, 3, 7, 3, 7, 3, 45]}
+COMPRESSED = {"size": [10, 10], "counts": "f03700000V1"}
+
+
+def coco_dict(annotations=None, categories=None, images=None):
+    return {
+        "info": {"description": "test"},
+        "images": images
+        if images is not None
+        else [{"id": 1, "file_name": "a.png", "height": 10, "width": 10}],
+        "annotations": annotations if annotations is not None else [],
+        "categories": categories if categories is not None else [{"id": 1, "name": "thing"}],
+    }
+
+
+def ann(ann_id, segmentation, image_id=1, category_id=1, iscrowd=0):
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "segmentation": segmentation,
+        "iscrowd": iscrowd,
+    }
+
+
+def write_json(path: Path, data) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_polygon_and_both_rle_forms_decode_to_the_same_pixels():
+    for i, segm in enumerate([POLYGON, UNCOMPRESSED, COMPRESSED]):
+        a = CocoAnnotation(id=i, category_id=1, segmentation=segm, iscrowd=0, area=12.0)
+        mask = decode_annotation_mask(a, 10, 10, "x.json")
+        assert mask.dtype == bool and mask.shape == (10, 10)
+        np.testing.assert_array_equal(mask, EXPECTED)
+
+
+def test_load_targets_contiguous_labels_and_crowd_excluded(tmp_path):
+    categories = [{"id": 90, "name": "c90"}, {"id": 1, "name": "c1"}, {"id": 3, "name": "c3"}]
+    anns = [
+        ann(10, POLYGON, category_id=90),
+        ann(11, UNCOMPRESSED, category_id=1),
+        ann(12, [[0, 0, 3, 0, 3, 3, 0, 3]], category_id=3, iscrowd=1),
+        ann(13, COMPRESSED, category_id=3),
+    ]
+    dataset = load_coco(write_json(tmp_path / "t.json", coco_dict(anns, categories)))
+    labels, masks = load_targets(dataset.images[0], dataset)
+    assert labels.dtype == np.int64 and labels.tolist() == [2, 0, 1]
+    assert masks.dtype == bool and masks.shape == (3, 10, 10)
+    for m in masks:
+        np.testing.assert_array_equal(m, EXPECTED)
+    assert [a.id for a in dataset.images[0].annotations] == [10, 11, 12, 13]
+    assert dataset.images[0].annotations[2].iscrowd == 1
+
+
+def test_contiguous_mapping_both_ways(tmp_path):
+    categories = [{"id": 90, "name": "c90"}, {"id": 1, "name": "c1"}, {"id": 3, "name": "c3"}]
+    dataset = load_coco(write_json(tmp_path / "t.json", coco_dict([], categories)))
+    assert dataset.num_classes == 3
+    assert dataset.class_names == ["c1", "c3", "c90"]
+    assert [dataset.contiguous_id(c) for c in (1, 3, 90)] == [0, 1, 2]
+    assert [dataset.category_id(i) for i in range(3)] == [1, 3, 90]
+    with pytest.raises(GdistillError, match="unknown category_id 2"):
+        dataset.contiguous_id(2)
+    with pytest.raises(GdistillError, match="contiguous class id 3"):
+        dataset.category_id(3)
+
+
+def test_image_without_annotations_gives_empty_targets(tmp_path):
+    dataset = load_coco(write_json(tmp_path / "t.json", coco_dict()))
+    labels, masks = load_targets(dataset.images[0], dataset)
+    assert labels.shape == (0,) and labels.dtype == np.int64
+    assert masks.shape == (0, 10, 10) and masks.dtype == bool
+
+
+def test_area_from_json_or_decoded(tmp_path):
+    anns = [ann(1, POLYGON), dict(ann(2, COMPRESSED), area=11.5)]
+    dataset = load_coco(write_json(tmp_path / "t.json", coco_dict(anns)))
+    assert [a.area for a in dataset.images[0].annotations] == [12.0, 11.5]
+
+
+def test_require_annotations_false_ignores_annotations(tmp_path):
+    data = {"images": coco_dict()["images"], "annotations": [ann(1, POLYGON, category_id=7)]}
+    dataset = load_coco(write_json(tmp_path / "t.json", data), require_annotations=False)
+    assert [img.id for img in dataset.images] == [1]
+    assert dataset.images[0].annotations == [] and dataset.num_classes == 0
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"images": [], "annotations": []}, "missing top-level key 'categories'"),
+        ({"annotations": [], "categories": []}, "missing top-level key 'images'"),
+        ([1, 2], "top level must be a JSON object"),
+        (
+            coco_dict(images=[{"id": 1, "file_name": "a.png", "height": 10, "width": 10}] * 2),
+            "duplicate image id 1",
+        ),
+        (coco_dict([ann(5, POLYGON), ann(5, POLYGON)]), "duplicate annotation id 5"),
+        (coco_dict([ann(5, POLYGON, image_id=9)]), "annotation 5 references unknown image_id 9"),
+        (
+            coco_dict([ann(5, POLYGON, category_id=4)]),
+            "annotation 5 references unknown category_id 4",
+        ),
+        (
+            coco_dict([ann(5, [[1, 1, 5, 5]])]),
+            "annotation 5 has a polygon with fewer than 3 points",
+        ),
+        (coco_dict([ann(5, [[1, 1, 5, 5, 8, 1, 3]])]), "annotation 5 has a polygon with an odd"),
+        (coco_dict([ann(5, [])]), "annotation 5 has an empty polygon list"),
+        (
+            coco_dict([ann(5, [[1, 1, 4, 1, 4, 1, 1, 1]])]),
+            r"annotation 5 has an empty mask \(decoded area 0\)",
+        ),
+        (
+            coco_dict([ann(5, {"size": [10, 10], "counts": [100]})]),
+            r"annotation 5 has an empty mask \(decoded area 0\)",
+        ),
+        (
+            coco_dict([ann(5, {"size": [10, 12], "counts": "f03700000V1"})]),
+            "annotation 5 has an RLE of size 10x12 but its image is 10x10",
+        ),
+        (
+            coco_dict([ann(5, {"size": [10, 10], "counts": [22, 3]})]),
+            "annotation 5 has uncompressed RLE counts summing to 25",
+        ),
+        (coco_dict([ann(5, "nope")]), "annotation 5 has a segmentation that is neither"),
+        (coco_dict([ann(5, POLYGON, iscrowd=2)]), "annotation 5 has iscrowd=2"),
+        (
+            coco_dict(categories=[{"id": 1, "name": "a"}, {"id": 1, "name": "b"}]),
+            "duplicate category id 1",
+        ),
+        (
+            coco_dict(images=[{"id": 1, "file_name": "a.png", "height": 0, "width": 10}]),
+            "image 1 needs positive integer height and width",
+        ),
+    ],
+)
+def test_load_coco_errors_name_file_and_problem(tmp_path, data, message):
+    path = write_json(tmp_path / "bad.json", data)
+    with pytest.raises(GdistillError, match=message) as info:
+        load_coco(path)
+    text = str(info.value)
+    assert text.startswith(str(path)) and "\n" not in text
+
+
+def test_malformed_json_reports_line(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{\n  "images": [],\n  "annotations": [,]\n}\n')
+    with pytest.raises(GdistillError, match=r"broken.json: malformed JSON at line 3 column"):
+        load_coco(path)
+
+
+def test_missing_json_file(tmp_path):
+    with pytest.raises(GdistillError, match="nothere.json: annotation file not found"):
+        load_coco(tmp_path / "nothere.json")
+
+
+def test_drop_invalid_keeps_valid_annotations(tmp_path):
+    anns = [ann(1, POLYGON), ann(2, [[1, 1, 4, 1, 4, 1, 1, 1]]), ann(3, [[0, 0, 1, 1]])]
+    path = write_json(tmp_path / "t.json", coco_dict(anns))
+    with pytest.warns(UserWarning, match="dropped 2 invalid annotation"):
+        dataset = load_coco(path, drop_invalid=True)
+    assert [a.id for a in dataset.images[0].annotations] == [1]
+    assert len(dataset.dropped) == 2 and "annotation 2" in dataset.dropped[0]
+    # Structural errors are still raised.
+    path = write_json(tmp_path / "u.json", coco_dict([ann(1, POLYGON, image_id=4)]))
+    with pytest.raises(GdistillError, match="unknown image_id 4"):
+        load_coco(path, drop_invalid=True)
+
+
+# --- images -----------------------------------------------------------------------------
+
+
+def test_read_rgb_keeps_values(tmp_path):
+    rgb = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 7
+    Image.fromarray(rgb).save(tmp_path / "x.png")
+    out = read_image(tmp_path / "x.png", expected_size=(2, 3))
+    assert out.dtype == np.uint8 and out.shape == (2, 3, 3)
+    np.testing.assert_array_equal(out, rgb)
+
+
+def test_read_grayscale(tmp_path):
+    Image.fromarray(np.array([[7, 200]], dtype=np.uint8), mode="L").save(tmp_path / "g.png")
+    out = read_image(tmp_path / "g.png")
+    assert out.shape == (1, 2, 3)
+    np.testing.assert_array_equal(out[0], [[7, 7, 7], [200, 200, 200]])
+
+
+def test_read_rgba_drops_alpha(tmp_path):
+    rgba = np.array([[[10, 20, 30, 40], [50, 60, 70, 255]]], dtype=np.uint8)
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "a.png")
+    out = read_image(tmp_path / "a.png")
+    np.testing.assert_array_equal(out[0], [[10, 20, 30], [50, 60, 70]])
+
+
+def test_read_palette(tmp_path):
+    image = Image.fromarray(np.array([[0, 1, 1]], dtype=np.uint8), mode="P")
+    image.putpalette([255, 0, 0, 0, 128, 255] + [0] * 762)
+    image.save(tmp_path / "p.png")
+    assert Image.open(tmp_path / "p.png").mode == "P"
+    out = read_image(tmp_path / "p.png")
+    np.testing.assert_array_equal(out[0], [[255, 0, 0], [0, 128, 255], [0, 128, 255]])
+
+
+def test_read_palette_with_transparency_no_warning(tmp_path, recwarn):
+    image = Image.fromarray(np.array([[0, 1]], dtype=np.uint8), mode="P")
+    image.putpalette([1, 2, 3, 4, 5, 6] + [0] * 762)
+    image.save(tmp_path / "p.png", transparency=bytes([0, 255]))
+    out = read_image(tmp_path / "p.png")
+    np.testing.assert_array_equal(out[0], [[1, 2, 3], [4, 5, 6]])
+    assert not [w for w in recwarn if "Transparency" in str(w.message)]
+
+
+def test_read_16bit_scales_to_8bit(tmp_path):
+    values = np.array([[0, 257 * 100, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "d.png")
+    assert Image.open(tmp_path / "d.png").mode.startswith("I")
+    out = read_image(tmp_path / "d.png")
+    assert out.dtype == np.uint8 and out.shape == (1, 3, 3)
+    np.testing.assert_array_equal(out[0, :, 0], [0, 100, 255])
+    np.testing.assert_array_equal(out[..., 0], out[..., 2])
+
+
+def test_read_cmyk(tmp_path):
+    cmyk = np.array([[[0, 0, 0, 0], [255, 0, 0, 0], [0, 0, 0, 255]]], dtype=np.uint8)
+    Image.fromarray(cmyk, mode="CMYK").save(tmp_path / "c.tif")
+    out = read_image(tmp_path / "c.tif")
+    np.testing.assert_array_equal(out[0], [[255, 255, 255], [0, 255, 255], [0, 0, 0]])
+
+
+def test_exif_orientation_not_applied(tmp_path):
+    image = Image.fromarray(np.zeros((2, 5, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW" — must be ignored
+    image.save(tmp_path / "e.jpg", exif=exif.tobytes())
+    assert Image.open(tmp_path / "e.jpg").getexif()[0x0112] == 6
+    assert read_image(tmp_path / "e.jpg", expected_size=(2, 5)).shape == (2, 5, 3)
+
+
+def test_read_missing_image(tmp_path):
+    with pytest.raises(GdistillError, match="gone.png: image file not found"):
+        read_image(tmp_path / "gone.png")
+
+
+def test_read_corrupt_image(tmp_path):
+    (tmp_path / "junk.png").write_bytes(b"this is not an image at all")
+    with pytest.raises(GdistillError, match="junk.png: cannot read image"):
+        read_image(tmp_path / "junk.png")
+
+
+@pytest.mark.parametrize("suffix", ["png", "jpg"])
+def test_read_truncated_image(tmp_path, suffix):
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    path = tmp_path / f"t.{suffix}"
+    Image.fromarray(noise).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(GdistillError, match=f"t.{suffix}: corrupt or truncated image") as info:
+        read_image(path)
+    assert "\n" not in str(info.value)
+
+
+def test_read_size_mismatch(tmp_path):
+    Image.fromarray(np.zeros((4, 6, 3), dtype=np.uint8)).save(tmp_path / "s.png")
+    with pytest.raises(GdistillError, match=r"s.png: image is 4x6 .* annotation file says 6x4"):
+        read_image(tmp_path / "s.png", expected_size=(6, 4))

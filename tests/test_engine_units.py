@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from gdistill.engine.checkpoint import latest_good_checkpoint, load_checkpoint, rotate_and_save, save_checkpoint
+from gdistill.engine.optim import build_optimizer, lr_factor
+from gdistill.errors import GdistillError
+
+
+def test_lr_factor_step_schedule_with_warmup():
+    f = lambda s: lr_factor(s, 100, "step", (50, 80), 0.1, 0.9, 10, 0.1)  # noqa: E731
+    assert f(0) == pytest.approx(0.1)
+    assert f(5) == pytest.approx(0.1 * 0.5 + 0.5)
+    assert f(10) == 1.0 and f(49) == 1.0
+    assert f(50) == pytest.approx(0.1) and f(80) == pytest.approx(0.01)
+
+
+def test_lr_factor_poly():
+    assert lr_factor(0, 100, "poly", (), 0.1, 0.9, 0, 1.0) == 1.0
+    assert lr_factor(50, 100, "poly", (), 0.1, 0.9, 0, 1.0) == pytest.approx(0.5 ** 0.9)
+    assert lr_factor(100, 100, "poly", (), 0.1, 0.9, 0, 1.0) == 0.0
+
+
+def test_optimizer_groups_backbone_lr_and_no_decay_for_norms():
+    model = torch.nn.Module()
+    model.backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    model.head = torch.nn.Linear(4, 2)
+    model.query = torch.nn.Embedding(5, 4)
+    opt = build_optimizer(model, lr=1e-4, weight_decay=0.05, backbone_lr_mult=0.1)
+    by_param = {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    assert by_param[id(model.backbone[0].weight)] == (pytest.approx(1e-5), 0.05)
+    assert by_param[id(model.backbone[1].weight)] == (pytest.approx(1e-5), 0.0)
+    assert by_param[id(model.head.weight)] == (1e-4, 0.05)
+    assert by_param[id(model.query.weight)] == (1e-4, 0.0)
+    assert len(by_param) == len(list(model.parameters()))
+
+
+def test_checkpoint_round_trip_and_atomic_rotation(tmp_path):
+    rotate_and_save({"step": 1, "model": {"w": torch.ones(2)}}, tmp_path)
+    rotate_and_save({"step": 2, "model": {"w": torch.zeros(2)}}, tmp_path)
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 2
+    assert load_checkpoint(tmp_path / "last.prev.pt")["step"] == 1
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_truncated_checkpoint_is_detected_and_previous_used(tmp_path):
+    rotate_and_save({"step": 1}, tmp_path)
+    rotate_and_save({"step": 2}, tmp_path)
+    data = (tmp_path / "last.pt").read_bytes()
+    (tmp_path / "last.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(GdistillError, match="last.pt: not a readable checkpoint"):
+        load_checkpoint(tmp_path / "last.pt")
+    payload, path = latest_good_checkpoint(tmp_path)
+    assert payload["step"] == 1 and path.name == "last.prev.pt"
+
+
+def test_foreign_file_is_rejected(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "x.pt")
+    with pytest.raises(GdistillError, match="x.pt: not a gdistill checkpoint"):
+        load_checkpoint(tmp_path / "x.pt")
+    with pytest.raises(GdistillError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+    save_checkpoint({"step": 0}, tmp_path / "ok.pt")
+    assert load_checkpoint(tmp_path / "ok.pt")["format"] == "gdistill-checkpoint"
