@@ -59,6 +59,8 @@ def iou(a, b):
     return (a & b).sum() / (a | b).sum()
 
 
+# pycocotools' own decode() trips numpy 2's __array__ deprecation; not ours to fix
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 def test_results_rle_round_trip(tmp_path):
     torch.manual_seed(0)
     masks = torch.rand(4, 16, 12) > 0.5

@@ -116,9 +116,9 @@ def hand_losses(logits, mask_logits, label, tgt_mask, matched):
         ce_den += w
     xs = [v for r in mask_logits for v in r]
     ts = [float(v) for r in tgt_mask for v in r]
-    bce = sum(softplus(-x) if t else softplus(x) for x, t in zip(xs, ts)) / len(xs)
+    bce = sum(softplus(-x) if t else softplus(x) for x, t in zip(xs, ts, strict=True)) / len(xs)
     ps = [sigmoid(x) for x in xs]
-    dice = 1 - (2 * sum(p * t for p, t in zip(ps, ts)) + 1) / (sum(ps) + sum(ts) + 1)
+    dice = 1 - (2 * sum(p * t for p, t in zip(ps, ts, strict=True)) + 1) / (sum(ps) + sum(ts) + 1)
     return 2.0 * ce_num / ce_den, 5.0 * bce, 5.0 * dice
 
 
@@ -181,11 +181,12 @@ def test_targets_of_other_resolutions(pixel_centre_points):
     labels = [torch.tensor([0]), torch.tensor([1, 0])]
     crit = make_criterion()
     outputs = {"pred_logits": logits, "pred_masks": masks}
-    base = crit(outputs, [{"labels": lab, "masks": m} for lab, m in zip(labels, small)])
+    pairs = zip(labels, small, strict=True)
+    base = crit(outputs, [{"labels": lab, "masks": m} for lab, m in pairs])
     # Image 0 at 2x, image 1 at 4x (nearest upsampling): pixel centres read the same values.
     up = [small[0].repeat_interleave(2, 1).repeat_interleave(2, 2),
           small[1].repeat_interleave(4, 1).repeat_interleave(4, 2)]
-    mixed = crit(outputs, [{"labels": lab, "masks": m} for lab, m in zip(labels, up)])
+    mixed = crit(outputs, [{"labels": lab, "masks": m} for lab, m in zip(labels, up, strict=True)])
     for key in base:
         assert mixed[key].item() == pytest.approx(base[key].item(), rel=1e-5)
 

@@ -5,7 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gdistill.model.matcher import HungarianMatcher, match_costs, pairwise_dice, pairwise_sigmoid_bce
+from gdistill.model.matcher import (
+    HungarianMatcher,
+    match_costs,
+    pairwise_dice,
+    pairwise_sigmoid_bce,
+)
 
 
 def pixel_centres(h: int, w: int) -> torch.Tensor:
@@ -91,7 +96,7 @@ def test_matching_is_optimal_against_brute_force(q, m, seed):
             total = sum(pair[i][tgts[i]] for i in range(q))
             if total < best:
                 best, best_pairs = total, sorted((i, tgts[i]) for i in range(q))
-    got = sorted(zip(rows.tolist(), cols.tolist()))
+    got = sorted(zip(rows.tolist(), cols.tolist(), strict=True))
     assert got == best_pairs
     assert sum(pair[i][j] for i, j in got) == pytest.approx(best, rel=1e-6)
 
@@ -113,7 +118,7 @@ def test_forward_with_random_points_finds_obvious_assignment():
     matcher = HungarianMatcher(num_points=256)
     (rows, cols), = matcher({"pred_logits": logits, "pred_masks": pred_masks},
                             [{"labels": labels, "masks": masks}])
-    assert sorted(zip(rows.tolist(), cols.tolist())) == [(0, 1), (1, 2), (3, 0)]
+    assert sorted(zip(rows.tolist(), cols.tolist(), strict=True)) == [(0, 1), (1, 2), (3, 0)]
 
 
 def test_empty_targets_give_empty_indices():

@@ -8,8 +8,8 @@ repeated draws within one epoch by ``RepeatFactorSampler`` — has its own numbe
 fresh ``torch.Generator`` from ``sample_seed(seed, index, draw)`` and hand it to the augmentation.
 The sample is therefore a pure function of ``(seed, index, draw)``: the same seed gives the same
 batches whatever the number of workers, and a run resumes exactly by restarting the sampler at
-``start`` (the number of keys this rank has already consumed). A plain ``int`` key means
-``(index, 0)``.
+``start`` (the number of keys this rank has already consumed; see
+``infinite_loader(start_batch=...)``). A plain ``int`` key means ``(index, 0)``.
 
 Sharding follows detectron2: rank r takes the global positions r, r + W, r + 2W, ... of the
 concatenated epoch permutations (``indices[rank::world_size]`` of the infinite stream), so no
@@ -18,6 +18,7 @@ rank ever runs dry and the ranks never see the same draw.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -262,6 +263,12 @@ class InfiniteSampler(Sampler):
         self.size, self.seed, self.shuffle = size, seed, shuffle
         self.rank, self.world_size, self.start = rank, world_size, start
 
+    def shifted(self, count: int) -> InfiniteSampler:
+        """A copy that starts `count` keys later."""
+        return InfiniteSampler(
+            self.size, self.seed, self.shuffle, self.rank, self.world_size, self.start + count
+        )
+
     def _order(self, epoch: int) -> list[int]:
         if not self.shuffle:
             return list(range(self.size))
@@ -299,9 +306,16 @@ class RepeatFactorSampler(Sampler):
         if factors.numel() == 0 or bool((factors < 1).any()):
             raise ValueError("repeat factors must be a non-empty list of values >= 1")
         _check_shard(rank, world_size, start)
+        self.factors = factors.tolist()
         self.integer = factors.floor()
         self.fraction = factors - self.integer
         self.seed, self.rank, self.world_size, self.start = seed, rank, world_size, start
+
+    def shifted(self, count: int) -> RepeatFactorSampler:
+        """A copy that starts `count` keys later."""
+        return RepeatFactorSampler(
+            self.factors, self.seed, self.rank, self.world_size, self.start + count
+        )
 
     def _counts(self, generator: torch.Generator) -> Tensor:
         draws = torch.rand(self.fraction.shape, generator=generator, dtype=torch.float64)
@@ -315,8 +329,8 @@ class RepeatFactorSampler(Sampler):
             counts = self._counts(g)
             length = int(counts.sum())
             if position < offset + length:
-                indices = torch.repeat_interleave(torch.arange(len(counts)), counts)
-                order = indices[torch.randperm(length, generator=g)].tolist()
+                indices = np.repeat(np.arange(len(counts)), counts.numpy())
+                order = indices[torch.randperm(length, generator=g).numpy()].tolist()
                 while position < offset + length:
                     yield order[position - offset], position
                     position += self.world_size
@@ -333,9 +347,7 @@ def repeat_factors(dataset: CocoDataset, threshold: float) -> list[float]:
     """
     if threshold <= 0:
         raise GdistillError(f"repeat-factor threshold must be > 0, got {threshold}")
-    per_image = [
-        {a.category_id for a in im.annotations if not a.iscrowd} for im in dataset.images
-    ]
+    per_image = [{a.category_id for a in im.annotations if not a.iscrowd} for im in dataset.images]
     counts: dict[int, int] = {}
     for cats in per_image:
         for c in cats:
@@ -343,6 +355,18 @@ def repeat_factors(dataset: CocoDataset, threshold: float) -> list[float]:
     n = max(len(per_image), 1)
     class_factor = {c: max(1.0, math.sqrt(threshold / (k / n))) for c, k in counts.items()}
     return [max((class_factor[c] for c in cats), default=1.0) for cats in per_image]
+
+
+class _SkipSampler(Sampler):
+    """Fallback for samplers without ``shifted``: the first pass omits its first `count` keys,
+    later passes (a finite sampler restarted by ``infinite_loader``) are complete."""
+
+    def __init__(self, sampler: Sampler, count: int) -> None:
+        self.sampler, self.count = sampler, count
+
+    def __iter__(self) -> Iterator[Any]:
+        count, self.count = self.count, 0
+        return itertools.islice(iter(self.sampler), count, None)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -360,13 +384,22 @@ def infinite_loader(
     sampler: Sampler,
     num_workers: int,
     seed: int,
+    start_batch: int = 0,
     pin_memory: bool = False,
 ) -> Iterator[Any]:
     """Yield batches forever from a DataLoader over `sampler` (restarted if it ever ends).
 
     Workers are persistent; their global RNGs are seeded from `seed`. Batch contents depend only
-    on the sampler's keys and the dataset's seed, not on `num_workers`.
+    on the sampler's keys and the dataset's seed, not on `num_workers`. `start_batch` skips the
+    first `start_batch` batches (resume): the sampler starts `start_batch * batch_size` keys later,
+    so the stream continues exactly where an uninterrupted run would be.
     """
+    if start_batch < 0:
+        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+    if start_batch:
+        skip = start_batch * batch_size
+        shifted = getattr(sampler, "shifted", None)
+        sampler = shifted(skip) if callable(shifted) else _SkipSampler(sampler, skip)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

@@ -4,7 +4,8 @@ Six categories = three shapes x two appearance families, so a category is told a
 *and* by colour/texture:
 
 * ``warm_*``: solid fill, red to orange, with soft shading;
-* ``striped_*``: blue fill crossed by pale parallel stripes.
+* ``striped_*``: blue fill crossed by light-cyan parallel stripes; every object has a darker
+  one-pixel outline.
 
 Scenes hold 1-12 instances of varied size and rotation, painted in order so later objects cover
 earlier ones; the annotation is the visible part. A placement that would leave any instance
@@ -79,7 +80,7 @@ def _cool_colour(rng: np.random.Generator) -> np.ndarray:
 
 
 def _stripe_colour(rng: np.random.Generator) -> np.ndarray:
-    return _hsv(rng.uniform(0.5, 0.6), rng.uniform(0.0, 0.15), rng.uniform(0.9, 1.0))
+    return _hsv(rng.uniform(0.48, 0.54), rng.uniform(0.3, 0.55), rng.uniform(0.9, 1.0))
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:

@@ -432,8 +432,8 @@ def train(
             if teacher is not None:
                 postfix["unsup"] = f"{row['loss_unsup']:.2f}"
                 postfix["pl/img"] = f"{row['pl_per_image']:.1f}"
-            if last_eval:
-                postfix["AP"] = f"{last_eval.get('student_AP', 0.0):.1f}"
+            if last_eval.get("student_AP") is not None:
+                postfix["AP"] = f"{last_eval['student_AP']:.1f}"
                 if "teacher_pl_precision@%g" % dist.score_threshold in last_eval:
                     postfix["pl_prec"] = f"{last_eval['teacher_pl_precision@%g' % dist.score_threshold]:.2f}"
             bar.set_postfix(postfix)
@@ -443,7 +443,8 @@ def train(
         # ---- evaluation, checkpoints
         if (cfg.eval_period > 0 and done % cfg.eval_period == 0) or done == max_iters:
             last_eval = evaluate(done)
-            ap = last_eval.get("student_AP", -1.0)
+            ap = last_eval.get("student_AP")
+            ap = -1.0 if ap is None else ap
             if val_loader is not None and ap > best_ap:
                 best_ap = ap
                 save_checkpoint(checkpoint_payload(done, with_optimizer=False), out_dir / "best.pt")

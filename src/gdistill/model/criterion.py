@@ -77,7 +77,7 @@ class SetCriterion(nn.Module):
         self, outputs: dict, targets: list[dict], num_masks: float, suffix: str
     ) -> dict[str, Tensor]:
         device = outputs["pred_logits"].device
-        indices = [(src.to(device), tgt) for src, tgt in self.matcher(outputs, targets)]
+        indices = [(src.to(device), tgt.to(device)) for src, tgt in self.matcher(outputs, targets)]
         batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)])
         src_idx = torch.cat([src for src, _ in indices])
         loss_ce = self._loss_labels(outputs["pred_logits"], targets, indices, batch_idx, src_idx)
@@ -97,7 +97,7 @@ class SetCriterion(nn.Module):
         target_classes = torch.full(
             logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
         )
-        matched = [t["labels"][tgt.to(t["labels"].device)] for t, (_, tgt) in zip(targets, indices)]
+        matched = [t["labels"][tgt] for t, (_, tgt) in zip(targets, indices, strict=True)]
         target_classes[batch_idx, src_idx] = torch.cat(matched)
         return F.cross_entropy(
             logits.flatten(0, 1).float(), target_classes.flatten(), self.empty_weight
@@ -123,10 +123,10 @@ class SetCriterion(nn.Module):
         src_points = point_sample(src.float(), coords)[:, 0]  # [N, P]
         # Targets of different images may differ in size: sample them per image.
         tgt_points, start = [], 0
-        for t, (src_b, tgt_b) in zip(targets, indices):
+        for t, (src_b, tgt_b) in zip(targets, indices, strict=True):
             n = len(src_b)
             if n:
-                masks = t["masks"][tgt_b.to(t["masks"].device)].unsqueeze(1)
+                masks = t["masks"][tgt_b].unsqueeze(1)
                 tgt_points.append(point_sample(masks, coords[start : start + n])[:, 0])
             start += n
         tgt_points = torch.cat(tgt_points)

@@ -17,7 +17,8 @@ class MLP(nn.Module):
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> None:
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        pairs = zip(dims[:-1], dims[1:], strict=True)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in pairs)
 
     def forward(self, x: Tensor) -> Tensor:
         for i, layer in enumerate(self.layers):
@@ -108,7 +109,8 @@ class MaskedAttentionDecoder(nn.Module):
         keys, values, sizes = [], [], []
         for lvl, x in enumerate(multi_scale):
             sizes.append(tuple(x.shape[-2:]))
-            pos = self.pe_layer(x).to(x.dtype).flatten(2).transpose(1, 2)  # [B, HW, C]
+            # No padding mask: the encoding depends only on the shape, so compute it once.
+            pos = self.pe_layer(x[:1]).flatten(2).transpose(1, 2)  # [1, HW, C]
             src = self.input_proj[lvl](x).flatten(2).transpose(1, 2) + self.level_embed.weight[lvl]
             values.append(src)
             keys.append(src + pos)  # the key of a level is the same for every layer

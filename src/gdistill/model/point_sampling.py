@@ -48,7 +48,7 @@ def sample_uncertain_points(
     num_random = num_points - num_uncertain
     coords = torch.rand(n, num_sampled, 2, device=logits.device)
     uncertainty = -point_sample(logits.float(), coords)[:, 0].abs()  # [N, S]
-    idx = uncertainty.topk(num_uncertain, dim=1).indices  # [N, k]
+    idx = uncertainty.topk(num_uncertain, dim=1, sorted=False).indices  # [N, k]
     chosen = torch.gather(coords, 1, idx.unsqueeze(-1).expand(-1, -1, 2))
     if num_random > 0:
         chosen = torch.cat([chosen, torch.rand(n, num_random, 2, device=logits.device)], dim=1)

