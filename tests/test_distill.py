@@ -19,12 +19,14 @@ def _logits_for(probs):
 
 def test_pseudo_label_filter_on_hand_made_outputs():
     # K = 2 classes + no-object; 4 queries on one image, 4x4 masks.
-    logits = _logits_for([
-        [0.90, 0.05, 0.05],  # class 0, confident, big mask -> kept
-        [0.10, 0.80, 0.10],  # class 1, confident, but mask too small -> dropped
-        [0.05, 0.05, 0.90],  # no-object -> dropped
-        [0.30, 0.65, 0.05],  # class 1 but 0.65 <= 0.7 -> dropped
-    ])[None]
+    logits = _logits_for(
+        [
+            [0.90, 0.05, 0.05],  # class 0, confident, big mask -> kept
+            [0.10, 0.80, 0.10],  # class 1, confident, but mask too small -> dropped
+            [0.05, 0.05, 0.90],  # no-object -> dropped
+            [0.30, 0.65, 0.05],  # class 1 but 0.65 <= 0.7 -> dropped
+        ]
+    )[None]
     masks = torch.full((1, 4, 4, 4), -10.0)
     masks[0, 0, :3, :3] = 10.0  # soft area ~9 > 5
     masks[0, 1, :2, :2] = 10.0  # soft area ~4 <= 5
@@ -82,12 +84,15 @@ def test_ema_is_not_recorded_by_autograd():
     assert all(p.grad is None for p in teacher.parameters())
 
 
-@pytest.mark.parametrize("mode,expected", [
-    # decay applied before steps 0..5 with burnin_iters=3, ema 0.99
-    ("guided", [None, None, None, 0.0, 0.99, 0.99]),
-    ("standard", [None, None, None, 0.0, 0.99, 0.99]),
-    ("none", [0.0, 0.99, 0.99, 0.99, 0.99, 0.99]),
-])
+@pytest.mark.parametrize(
+    "mode,expected",
+    [
+        # decay applied before steps 0..5 with burnin_iters=3, ema 0.99
+        ("guided", [None, None, None, 0.0, 0.99, 0.99]),
+        ("standard", [None, None, None, 0.0, 0.99, 0.99]),
+        ("none", [0.0, 0.99, 0.99, 0.99, 0.99, 0.99]),
+    ],
+)
 def test_handover_at_exact_iteration(mode, expected):
     assert [teacher_decay_for_step(s, mode, 3, 0.99) for s in range(6)] == expected
 
@@ -104,10 +109,10 @@ def test_precision_recall_on_hand_made_case():
     gt[1, 5:, 5:] = True
     gt_labels = torch.tensor([0, 1])
     pred = torch.zeros(4, 10, 10, dtype=torch.bool)
-    pred[0, :5, :5] = True          # exact match of gt 0, right class -> TP
-    pred[1, :5, :5] = True          # duplicate of gt 0 -> FP (already matched)
-    pred[2, 5:, 5:] = True          # right place, wrong class -> FP
-    pred[3, 5:, 6:] = True          # IoU 0.8 with gt 1, right class -> TP (score 0.6)
+    pred[0, :5, :5] = True  # exact match of gt 0, right class -> TP
+    pred[1, :5, :5] = True  # duplicate of gt 0 -> FP (already matched)
+    pred[2, 5:, 5:] = True  # right place, wrong class -> FP
+    pred[3, 5:, 6:] = True  # IoU 0.8 with gt 1, right class -> TP (score 0.6)
     labels = torch.tensor([0, 0, 0, 1])
     scores = torch.tensor([0.95, 0.9, 0.8, 0.6])
     assert count_true_positives(labels, pred, scores, gt_labels, gt) == 2

@@ -1,7 +1,12 @@
 import pytest
 import torch
 
-from gdistill.engine.checkpoint import latest_good_checkpoint, load_checkpoint, rotate_and_save, save_checkpoint
+from gdistill.engine.checkpoint import (
+    latest_good_checkpoint,
+    load_checkpoint,
+    rotate_and_save,
+    save_checkpoint,
+)
 from gdistill.engine.optim import build_optimizer, lr_factor
 from gdistill.errors import GdistillError
 
@@ -16,7 +21,7 @@ def test_lr_factor_step_schedule_with_warmup():
 
 def test_lr_factor_poly():
     assert lr_factor(0, 100, "poly", (), 0.1, 0.9, 0, 1.0) == 1.0
-    assert lr_factor(50, 100, "poly", (), 0.1, 0.9, 0, 1.0) == pytest.approx(0.5 ** 0.9)
+    assert lr_factor(50, 100, "poly", (), 0.1, 0.9, 0, 1.0) == pytest.approx(0.5**0.9)
     assert lr_factor(100, 100, "poly", (), 0.1, 0.9, 0, 1.0) == 0.0
 
 

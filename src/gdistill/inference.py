@@ -1,8 +1,8 @@
 """Using a trained model from Python::
 
-    from gdistill import load_model
-    model = load_model("runs/student/best.pt")
-    instances = model.predict(["a.jpg", "b.png"])   # list of Instances(scores, labels, masks)
+from gdistill import load_model
+model = load_model("runs/student/best.pt")
+instances = model.predict(["a.jpg", "b.png"])   # list of Instances(scores, labels, masks)
 """
 
 from __future__ import annotations
@@ -28,8 +28,15 @@ from gdistill.model.mask2former import Instances, Mask2Former, build_model
 class Predictor:
     """A trained Mask2Former with its class names and input pipeline."""
 
-    def __init__(self, model: Mask2Former, cfg: Config, class_names: list[str],
-                 category_ids: list[int], device: torch.device, which: str) -> None:
+    def __init__(
+        self,
+        model: Mask2Former,
+        cfg: Config,
+        class_names: list[str],
+        category_ids: list[int],
+        device: torch.device,
+        which: str,
+    ) -> None:
         self.model = model.eval()
         self.cfg = cfg
         self.class_names = class_names
@@ -46,11 +53,15 @@ class Predictor:
             if image.ndim == 2:
                 image = np.repeat(image[:, :, None], 3, axis=2)
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-                raise GdistillError(f"predict: expected a uint8 array [H, W, 3], got {image.dtype} {image.shape}")
+                raise GdistillError(
+                    f"predict: expected a uint8 array [H, W, 3], got {image.dtype} {image.shape}"
+                )
             array = image
         elif isinstance(image, torch.Tensor):
             if image.ndim != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
-                raise GdistillError(f"predict: expected a uint8 tensor [3, H, W], got {image.dtype} {tuple(image.shape)}")
+                raise GdistillError(
+                    f"predict: expected a uint8 tensor [3, H, W], got {image.dtype} {tuple(image.shape)}"
+                )
             return image
         else:
             raise GdistillError(f"predict: unsupported image type {type(image).__name__}")
@@ -66,15 +77,21 @@ class Predictor:
             orig = tuple(tensor.shape[-2:])
             resized = resize_for_eval(tensor, self.cfg.data.test_short_side, self.cfg.data.test_max_side)
             samples.append({"image": resized, "orig_size": orig, "image_id": None, "key": ""})
-        loader = [collate_eval(samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]
+        loader = [collate_eval(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
         out: list[Instances] = []
-        for _, _, instances in predict_batches(self.model, loader, self.device,
-                                               self.cfg.model.detections_per_image, self.cfg.solver.amp):
+        for _, _, instances in predict_batches(
+            self.model, loader, self.device, self.cfg.model.detections_per_image, self.cfg.solver.amp
+        ):
             for inst in instances:
                 keep = inst.scores >= score_threshold
                 order = inst.scores[keep].argsort(descending=True)
-                out.append(Instances(inst.scores[keep][order].cpu(), inst.labels[keep][order].cpu(),
-                                     inst.masks[keep][order].cpu()))
+                out.append(
+                    Instances(
+                        inst.scores[keep][order].cpu(),
+                        inst.labels[keep][order].cpu(),
+                        inst.masks[keep][order].cpu(),
+                    )
+                )
         return out
 
 
@@ -86,7 +103,9 @@ def load_model(weights: str | Path, model: str = "student", device: str = "auto"
         raise GdistillError(f"--model must be student or teacher, got {model!r}")
     state = payload["model"] if model == "student" else payload.get("teacher")
     if state is None:
-        raise GdistillError(f"{weights}: has no teacher (a stage-A checkpoint holds one model: use --model student)")
+        raise GdistillError(
+            f"{weights}: has no teacher (a stage-A checkpoint holds one model: use --model student)"
+        )
     cfg = config_from_dict(payload["config"], str(weights))
     cfg.model.pretrained = False
     cfg.model.backbone_weights = ""
@@ -96,19 +115,36 @@ def load_model(weights: str | Path, model: str = "student", device: str = "auto"
     return Predictor(net.to(dev), cfg, payload["class_names"], payload["category_ids"], dev, model)
 
 
-def evaluate_checkpoint(weights: str | Path, dataset: CocoDataset, images_dir: Path,
-                        model: str = "student", device: str = "auto", progress: bool = True) -> dict:
+def evaluate_checkpoint(
+    weights: str | Path,
+    dataset: CocoDataset,
+    images_dir: Path,
+    model: str = "student",
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
     """Mask AP (12 numbers and per class) of a checkpoint on a COCO dataset."""
     predictor = load_model(weights, model, device)
     if predictor.class_names != dataset.class_names:
         raise GdistillError(
-            f"{dataset.path}: classes {dataset.class_names} differ from the checkpoint's {predictor.class_names}"
+            f"{dataset.path}: classes {dataset.class_names} differ from the checkpoint's "
+            f"{predictor.class_names}"
         )
     cfg = predictor.cfg
-    loader = DataLoader(EvalDataset(dataset, images_dir, cfg.data.test_short_side, cfg.data.test_max_side),
-                        batch_size=cfg.data.eval_batch_size, collate_fn=collate_eval)
-    metrics, _ = evaluate_model(predictor.model, loader, dataset, predictor.device,
-                                cfg.model.detections_per_image, cfg.solver.amp, per_class=True,
-                                progress=progress)
+    loader = DataLoader(
+        EvalDataset(dataset, images_dir, cfg.data.test_short_side, cfg.data.test_max_side),
+        batch_size=cfg.data.eval_batch_size,
+        collate_fn=collate_eval,
+    )
+    metrics, _ = evaluate_model(
+        predictor.model,
+        loader,
+        dataset,
+        predictor.device,
+        cfg.model.detections_per_image,
+        cfg.solver.amp,
+        per_class=True,
+        progress=progress,
+    )
     metrics["model"] = model
     return metrics

@@ -133,9 +133,9 @@ class PseudoLabelQuality:
             )
 
     def summary(self) -> dict[str, float]:
-        """``{"pl_precision@0.7": .., "pl_recall@0.7": .., "pl_per_image@0.7": ..}`` for each t."""
+        """``{"pl_precision@0.7": .., "pl_recall@0.7": ..}`` for each t."""
         out = {}
-        for t, tp, n in zip(self.thresholds, self.tp, self.num_pred):
+        for t, tp, n in zip(self.thresholds, self.tp, self.num_pred, strict=True):
             out[f"pl_precision@{t:g}"] = tp / n if n else 0.0
             out[f"pl_recall@{t:g}"] = tp / self.num_gt if self.num_gt else 0.0
         return out

@@ -57,7 +57,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # torch raises many types for truncated / non-torch files
-        raise GdistillError(f"{path}: not a readable checkpoint (truncated or corrupt: {type(exc).__name__})") from exc
+        raise GdistillError(
+            f"{path}: not a readable checkpoint (truncated or corrupt: {type(exc).__name__})"
+        ) from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise GdistillError(f"{path}: not a gdistill checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
     if payload.get("version", 0) > CHECKPOINT_VERSION:

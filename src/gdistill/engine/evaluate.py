@@ -42,8 +42,11 @@ def predict_batches(
             with autocast_for(device, amp):
                 outputs = model(images)
             instances = instances_from_outputs(
-                outputs["pred_logits"], outputs["pred_masks"], batch["image_sizes"],
-                batch["orig_sizes"], top_k=top_k,
+                outputs["pred_logits"],
+                outputs["pred_masks"],
+                batch["image_sizes"],
+                batch["orig_sizes"],
+                top_k=top_k,
             )
             yield batch, outputs, instances
     finally:
@@ -101,20 +104,31 @@ def evaluate_model(
         for i, inst in enumerate(instances):
             image_id = batch["image_ids"][i]
             results.extend(
-                instances_to_coco_results(image_id, inst.masks.cpu(), inst.scores.cpu(),
-                                          inst.labels.cpu(), category_ids)
+                instances_to_coco_results(
+                    image_id, inst.masks.cpu(), inst.scores.cpu(), inst.labels.cpu(), category_ids
+                )
             )
             if quality is not None:
                 labels, masks, scores = _pseudo_label_candidates(
-                    outputs["pred_logits"][i], outputs["pred_masks"][i], batch["image_sizes"][i],
-                    batch["orig_sizes"][i], min(pseudo_label_thresholds), min_mask_area,
+                    outputs["pred_logits"][i],
+                    outputs["pred_masks"][i],
+                    batch["image_sizes"][i],
+                    batch["orig_sizes"][i],
+                    min(pseudo_label_thresholds),
+                    min_mask_area,
                     mask_threshold,
                 )
                 gt_labels, gt_masks = load_targets(images_by_id[image_id], dataset)
-                quality.update(labels.cpu(), masks.cpu(), scores.cpu(),
-                               torch.as_tensor(gt_labels), torch.as_tensor(gt_masks))
-    metrics = evaluate_masks(dataset.raw, results, per_class=per_class,
-                             image_ids=[img.id for img in dataset.images])
+                quality.update(
+                    labels.cpu(),
+                    masks.cpu(),
+                    scores.cpu(),
+                    torch.as_tensor(gt_labels),
+                    torch.as_tensor(gt_masks),
+                )
+    metrics = evaluate_masks(
+        dataset.raw, results, per_class=per_class, image_ids=[img.id for img in dataset.images]
+    )
     if quality is not None:
         metrics.update(quality.summary())
     return metrics, results

@@ -8,12 +8,19 @@ import torch
 from torch import nn
 
 _NORM_TYPES = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
-    nn.InstanceNorm2d, nn.LocalResponseNorm,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.SyncBatchNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.InstanceNorm2d,
+    nn.LocalResponseNorm,
 )
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, backbone_lr_mult: float) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, backbone_lr_mult: float
+) -> torch.optim.AdamW:
     """Backbone parameters get ``lr · backbone_lr_mult``; norm layers, embeddings and biases-free
     position tables get no weight decay (Mask2Former's WEIGHT_DECAY_NORM / _EMBED = 0)."""
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
@@ -29,7 +36,8 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, backbone_l
                 or "relative_position_bias_table" in name
                 or "absolute_pos_embed" in name
                 or name in ("pos_embed", "cls_token", "reg_token", "level_embed")
-                or "norm" in type(module).__name__.lower() and param.ndim == 1
+                or "norm" in type(module).__name__.lower()
+                and param.ndim == 1
             )
             key = (lr * (backbone_lr_mult if is_backbone else 1.0), 0.0 if no_decay else weight_decay)
             groups.setdefault(key, []).append(param)
@@ -63,8 +71,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, solver) -> torch.optim.lr_
     steps = tuple(solver.lr_steps)
 
     def factor(step: int) -> float:
-        return lr_factor(step, solver.max_iters, solver.lr_schedule, steps, solver.lr_gamma,
-                         solver.poly_power, solver.warmup_iters, solver.warmup_factor)
+        return lr_factor(
+            step,
+            solver.max_iters,
+            solver.lr_schedule,
+            steps,
+            solver.lr_gamma,
+            solver.poly_power,
+            solver.warmup_iters,
+            solver.warmup_factor,
+        )
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

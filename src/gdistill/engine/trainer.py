@@ -89,18 +89,21 @@ def build_criterion(cfg: Config, num_classes: int) -> SetCriterion:
     loss = cfg.loss
     matcher = HungarianMatcher(loss.class_weight, loss.mask_weight, loss.dice_weight, loss.num_points)
     return SetCriterion(
-        num_classes, matcher, no_object_weight=loss.no_object_weight,
-        class_weight=loss.class_weight, mask_weight=loss.mask_weight, dice_weight=loss.dice_weight,
-        num_points=loss.num_points, oversample_ratio=loss.oversample_ratio,
+        num_classes,
+        matcher,
+        no_object_weight=loss.no_object_weight,
+        class_weight=loss.class_weight,
+        mask_weight=loss.mask_weight,
+        dice_weight=loss.dice_weight,
+        num_points=loss.num_points,
+        oversample_ratio=loss.oversample_ratio,
         importance_sample_ratio=loss.importance_sample_ratio,
     )
 
 
 def check_class_names(expected: list[str], found: list[str], what: str) -> None:
     if list(expected) != list(found):
-        raise GdistillError(
-            f"{what}: classes {found} do not match the labelled data's classes {expected}"
-        )
+        raise GdistillError(f"{what}: classes {found} do not match the labelled data's classes {expected}")
 
 
 def teacher_from_checkpoint(path: Path, class_names: list[str]) -> tuple[Mask2Former, Config]:
@@ -242,29 +245,43 @@ def train(
         last_eval = state.get("last_eval", {})
         set_rng_state(state["rng"])
     else:
-        write_run_info(out_dir, cfg, {
-            "stage": stage,
-            "teacher_checkpoint": str(teacher_checkpoint) if teacher_checkpoint else None,
-            "labelled": str(data.labelled.path),
-            "labelled_images": len(data.labelled.images),
-            "unlabelled_images": len(data.unlabelled or []),
-            "val": str(data.val.path) if data.val else None,
-            "classes": class_names,
-        })
+        write_run_info(
+            out_dir,
+            cfg,
+            {
+                "stage": stage,
+                "teacher_checkpoint": str(teacher_checkpoint) if teacher_checkpoint else None,
+                "labelled": str(data.labelled.path),
+                "labelled_images": len(data.labelled.images),
+                "unlabelled_images": len(data.unlabelled or []),
+                "val": str(data.val.path) if data.val else None,
+                "classes": class_names,
+            },
+        )
 
     # ---- data: infinite seeded streams, positioned where an interrupted run left off
     dcfg = cfg.data
     labelled_ds = LabelledDataset(
-        data.labelled, data.images_dir,
-        LabelledAugment(dcfg.image_size, dcfg.scale_range), seed=cfg.seed,
+        data.labelled,
+        data.images_dir,
+        LabelledAugment(dcfg.image_size, dcfg.scale_range),
+        seed=cfg.seed,
     )
     if dcfg.repeat_factor_threshold > 0:
-        sampler = RepeatFactorSampler(repeat_factors(data.labelled, dcfg.repeat_factor_threshold), seed=cfg.seed)
+        sampler = RepeatFactorSampler(
+            repeat_factors(data.labelled, dcfg.repeat_factor_threshold), seed=cfg.seed
+        )
     else:
         sampler = InfiniteSampler(len(labelled_ds), seed=cfg.seed)
-    labelled_iter = infinite_loader(labelled_ds, dcfg.batch_size, collate_labelled, sampler,
-                                    dcfg.num_workers, seed=cfg.seed,
-                                    start_batch=start_step)
+    labelled_iter = infinite_loader(
+        labelled_ds,
+        dcfg.batch_size,
+        collate_labelled,
+        sampler,
+        dcfg.num_workers,
+        seed=cfg.seed,
+        start_batch=start_step,
+    )
     unlabelled_iter = None
     if is_distill:
         if not data.unlabelled:
@@ -277,15 +294,21 @@ def train(
             for s in range(start_step)
         )
         unlabelled_iter = infinite_loader(
-            unlabelled_ds, dcfg.unlabelled_batch_size, collate_unlabelled,
-            InfiniteSampler(len(unlabelled_ds), seed=cfg.seed + 1), dcfg.num_workers,
-            seed=cfg.seed + 1, start_batch=consumed,
+            unlabelled_ds,
+            dcfg.unlabelled_batch_size,
+            collate_unlabelled,
+            InfiniteSampler(len(unlabelled_ds), seed=cfg.seed + 1),
+            dcfg.num_workers,
+            seed=cfg.seed + 1,
+            start_batch=consumed,
         )
     val_loader = None
     if data.val is not None:
         val_loader = torch.utils.data.DataLoader(
             EvalDataset(data.val, data.val_images_dir, dcfg.test_short_side, dcfg.test_max_side),
-            batch_size=dcfg.eval_batch_size, shuffle=False, collate_fn=collate_eval,
+            batch_size=dcfg.eval_batch_size,
+            shuffle=False,
+            collate_fn=collate_eval,
             num_workers=min(dcfg.num_workers, 2),
         )
 
@@ -297,17 +320,31 @@ def train(
             return {}
         row: dict = {"step": step}
         metrics, _ = evaluate_model(
-            student, val_loader, data.val, device, cfg.model.detections_per_image,
-            cfg.solver.amp, desc="eval student", progress=progress,
+            student,
+            val_loader,
+            data.val,
+            device,
+            cfg.model.detections_per_image,
+            cfg.solver.amp,
+            desc="eval student",
+            progress=progress,
         )
         row.update({f"student_{k}": v for k, v in metrics.items() if not isinstance(v, dict)})
         if teacher is not None:
             metrics_t, _ = evaluate_model(
-                teacher, val_loader, data.val, device, cfg.model.detections_per_image,
-                "none", pseudo_label_thresholds=tuple(sorted(set(
-                    (*cfg.distill.diagnostic_thresholds, cfg.distill.score_threshold)))),
+                teacher,
+                val_loader,
+                data.val,
+                device,
+                cfg.model.detections_per_image,
+                "none",
+                pseudo_label_thresholds=tuple(
+                    sorted(set((*cfg.distill.diagnostic_thresholds, cfg.distill.score_threshold)))
+                ),
                 min_mask_area=cfg.distill.min_mask_area,
-                mask_threshold=cfg.distill.mask_threshold, desc="eval teacher", progress=progress,
+                mask_threshold=cfg.distill.mask_threshold,
+                desc="eval teacher",
+                progress=progress,
             )
             row.update({f"teacher_{k}": v for k, v in metrics_t.items() if not isinstance(v, dict)})
         eval_log.write(row)
@@ -327,16 +364,23 @@ def train(
         }
         if with_optimizer:
             payload.update(
-                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                scaler=scaler.state_dict() if use_scaler else None, rng=rng_state(),
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict() if use_scaler else None,
+                rng=rng_state(),
             )
         return payload
 
     # ---- the loop
     dist = cfg.distill
     max_iters = cfg.solver.max_iters
-    bar = tqdm(total=max_iters, initial=start_step, disable=not progress, dynamic_ncols=True,
-               desc="distill" if is_distill else "train")
+    bar = tqdm(
+        total=max_iters,
+        initial=start_step,
+        disable=not progress,
+        dynamic_ncols=True,
+        desc="distill" if is_distill else "train",
+    )
     window: dict[str, float] = {}
     window_steps = 0
     nonfinite_in_a_row = 0
@@ -359,8 +403,12 @@ def train(
                 weak = images_to_model_input(ubatch["weak"].to(device, non_blocking=True))
                 t_out = teacher(weak)
                 unsup_targets, step_stats = pseudo_labels_from_teacher(
-                    t_out["pred_logits"], t_out["pred_masks"], dist.score_threshold,
-                    dist.min_mask_area, dist.mask_threshold, ubatch["valid"].to(device),
+                    t_out["pred_logits"],
+                    t_out["pred_masks"],
+                    dist.score_threshold,
+                    dist.min_mask_area,
+                    dist.mask_threshold,
+                    ubatch["valid"].to(device),
                 )
             for t in unsup_targets:
                 t.pop("scores")
@@ -407,12 +455,22 @@ def train(
         scheduler.step()
 
         # ---- logging (averages over the log window)
-        values = {"loss": float(loss), "loss_sup": float(loss_sup), "loss_unsup": float(loss_unsup)}
+        values = {"loss": loss.item(), "loss_sup": loss_sup.item(), "loss_unsup": loss_unsup.item()}
         for key in ("loss_ce", "loss_mask", "loss_dice"):
             values[key] = float(sup_losses[key])
         if teacher is not None:
-            values.update({k: step_stats.get(k, 0.0) for k in
-                           ("pl_kept", "pl_candidates", "pl_mean_score", "pl_images_without", "pl_per_image")})
+            values.update(
+                {
+                    k: step_stats.get(k, 0.0)
+                    for k in (
+                        "pl_kept",
+                        "pl_candidates",
+                        "pl_mean_score",
+                        "pl_images_without",
+                        "pl_per_image",
+                    )
+                }
+            )
         for k, v in values.items():
             window[k] = window.get(k, 0.0) + v
         window_steps += 1
@@ -434,8 +492,9 @@ def train(
                 postfix["pl/img"] = f"{row['pl_per_image']:.1f}"
             if last_eval.get("student_AP") is not None:
                 postfix["AP"] = f"{last_eval['student_AP']:.1f}"
-                if "teacher_pl_precision@%g" % dist.score_threshold in last_eval:
-                    postfix["pl_prec"] = f"{last_eval['teacher_pl_precision@%g' % dist.score_threshold]:.2f}"
+                precision_key = f"teacher_pl_precision@{dist.score_threshold:g}"
+                if precision_key in last_eval:
+                    postfix["pl_prec"] = f"{last_eval[precision_key]:.2f}"
             bar.set_postfix(postfix)
             window, window_steps, t_window = {}, 0, time.perf_counter()
         bar.update(1)
@@ -473,5 +532,3 @@ def _no_download(cfg: Config) -> Config:
     cfg.model.pretrained = False
     cfg.model.backbone_weights = ""
     return cfg
-
-

