@@ -111,9 +111,7 @@ def teacher_from_checkpoint(path: Path, class_names: list[str]) -> tuple[Mask2Fo
     payload = load_checkpoint(path)
     check_class_names(class_names, payload["class_names"], str(path))
     teacher_cfg = config_from_dict(payload["config"], str(path))
-    teacher_cfg.model.pretrained = False  # weights come from the checkpoint
-    teacher_cfg.model.backbone_weights = ""
-    teacher = build_model(teacher_cfg.model, len(class_names))
+    teacher = build_model(_no_download(copy.deepcopy(teacher_cfg)).model, len(class_names))
     teacher.load_state_dict(payload["model"])
     return teacher, teacher_cfg
 
@@ -213,11 +211,11 @@ def train(
             teacher = build_model(_no_download(teacher_cfg).model, num_classes)
         else:
             teacher, teacher_cfg = teacher_from_checkpoint(Path(teacher_checkpoint), class_names)
-            # The student has the teacher's architecture; only its initial weights may differ.
+            # The student is built as the teacher was at the start of stage A (same architecture,
+            # same backbone initialisation), unless other backbone weights are given.
             student_model_cfg = copy.deepcopy(teacher_cfg.model)
-            student_model_cfg.pretrained = cfg.model.pretrained
-            student_model_cfg.backbone_weights = cfg.model.backbone_weights
-            student_model_cfg.frozen_stages = cfg.model.frozen_stages
+            if cfg.model.backbone_weights:
+                student_model_cfg.backbone_weights = cfg.model.backbone_weights
             cfg.model = student_model_cfg
         freeze(teacher).to(device)
     student_cfg = _no_download(copy.deepcopy(cfg)) if state is not None else cfg
@@ -457,7 +455,7 @@ def train(
         # ---- logging (averages over the log window)
         values = {"loss": loss.item(), "loss_sup": loss_sup.item(), "loss_unsup": loss_unsup.item()}
         for key in ("loss_ce", "loss_mask", "loss_dice"):
-            values[key] = float(sup_losses[key])
+            values[key] = sup_losses[key].item()
         if teacher is not None:
             values.update(
                 {

@@ -61,7 +61,20 @@ def _create(name: str, pretrained: bool, try_dynamic: bool, **kwargs) -> nn.Modu
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise GdistillError(f"model.backbone={name}: unknown timm model") from err
-        raise
+        if not pretrained:
+            raise
+        raise GdistillError(_download_failed(name, err)) from err
+    except (OSError, ValueError) as err:
+        if not pretrained:
+            raise
+        raise GdistillError(_download_failed(name, err)) from err
+
+
+def _download_failed(name: str, err: Exception) -> str:
+    return (
+        f"model.backbone={name}: could not fetch timm's pretrained weights ({type(err).__name__}); "
+        "pass --backbone-weights PATH (a local state dict) or model.pretrained=false"
+    )
 
 
 def _norm_key(key: str) -> str:
