@@ -11,7 +11,7 @@ from gdistill.errors import GdistillError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file of config overrides (see configs/)")
+    p.add_argument("--config", help="YAML file of config overrides, or a packaged preset: demo, coco_r50, cityscapes_r50, coco_dinov2_l, coco_swin_l")
     p.add_argument(
         "--backbone-weights",
         help="local backbone weights file (state dict), or "

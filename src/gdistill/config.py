@@ -260,9 +260,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults, then the YAML file (if any), then ``key=value`` overrides."""
     cfg = Config()
     if path:
-        path = Path(path)
-        if not path.is_file():
-            raise GdistillError(f"{path}: config file not found")
+        path = resolve_preset(path)
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
@@ -276,6 +274,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         apply_overrides(cfg, overrides)
     validate_config(cfg)
     return cfg
+
+
+PRESETS_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def resolve_preset(path: str | Path) -> Path:
+    """A YAML file path, or the name of a packaged preset (``demo``, ``coco_r50`` ...)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    packaged = PRESETS_DIR / f"{path.name}.yaml"
+    if path.suffix == "" and packaged.is_file():
+        return packaged
+    raise GdistillError(
+        f"{path}: config file not found (packaged presets: {', '.join(preset_names())})"
+    )
 
 
 def config_from_dict(values: dict[str, Any], source: str = "checkpoint") -> Config:

@@ -72,6 +72,9 @@ def _pseudo_label_candidates(
     area = logits[:, :h4, :w4].sigmoid().flatten(1).sum(1)
     keep = (labels != num_classes) & (scores > min_score) & (area > min_mask_area)
     idx = keep.nonzero(as_tuple=True)[0]
+    if len(idx) == 0:
+        empty = torch.zeros((0, *orig_size), dtype=torch.bool, device=logits.device)
+        return labels[idx], empty, scores[idx]
     padded = (logits.shape[-2] * 4, logits.shape[-1] * 4)
     up = F.interpolate(logits[idx][None], size=padded, mode="bilinear", align_corners=False)
     up = up[:, :, : image_size[0], : image_size[1]]

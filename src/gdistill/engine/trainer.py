@@ -177,9 +177,11 @@ def train(
     teacher_checkpoint: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    init_weights: str | Path | None = None,
 ) -> dict:
     """Train and return the final metrics. Stage B when ``teacher_checkpoint`` is given (or when
-    resuming a stage-B run)."""
+    resuming a stage-B run). ``init_weights``: start stage A from the model of a checkpoint (its
+    architecture is used) instead of a fresh model."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     resumed = latest_good_checkpoint(out_dir) if resume else None
@@ -218,8 +220,16 @@ def train(
                 student_model_cfg.backbone_weights = cfg.model.backbone_weights
             cfg.model = student_model_cfg
         freeze(teacher).to(device)
-    student_cfg = _no_download(copy.deepcopy(cfg)) if state is not None else cfg
+    init_payload = None
+    if init_weights is not None and state is None:
+        init_payload = load_checkpoint(init_weights)
+        check_class_names(class_names, init_payload["class_names"], str(init_weights))
+        cfg.model = config_from_dict(init_payload["config"], str(init_weights)).model
+    from_checkpoint = state is not None or init_payload is not None
+    student_cfg = _no_download(copy.deepcopy(cfg)) if from_checkpoint else cfg
     student = build_model(student_cfg.model, num_classes)
+    if init_payload is not None:
+        student.load_state_dict(init_payload["model"])
     if is_distill and state is None and cfg.distill.student_init == "teacher":
         student.load_state_dict(teacher.state_dict())
     student.to(device).train()
@@ -249,6 +259,7 @@ def train(
             {
                 "stage": stage,
                 "teacher_checkpoint": str(teacher_checkpoint) if teacher_checkpoint else None,
+            "init_weights": str(init_weights) if init_weights else None,
                 "labelled": str(data.labelled.path),
                 "labelled_images": len(data.labelled.images),
                 "unlabelled_images": len(data.unlabelled or []),
@@ -313,10 +324,15 @@ def train(
     step_log = MetricsLog(out_dir / "metrics.csv", start_step if state is not None else None)
     eval_log = MetricsLog(out_dir / "eval.csv", start_step if state is not None else None)
 
+    diagnostic_thresholds = tuple(
+        sorted({*cfg.distill.diagnostic_thresholds, cfg.distill.score_threshold})
+    )
+
     def evaluate(step: int) -> dict:
         if val_loader is None:
             return {}
         row: dict = {"step": step}
+        # In stage A the model is the future teacher: its pseudo-label quality is worth knowing.
         metrics, _ = evaluate_model(
             student,
             val_loader,
@@ -324,6 +340,9 @@ def train(
             device,
             cfg.model.detections_per_image,
             cfg.solver.amp,
+            pseudo_label_thresholds=() if teacher is not None else diagnostic_thresholds,
+            min_mask_area=cfg.distill.min_mask_area,
+            mask_threshold=cfg.distill.mask_threshold,
             desc="eval student",
             progress=progress,
         )
@@ -336,9 +355,7 @@ def train(
                 device,
                 cfg.model.detections_per_image,
                 "none",
-                pseudo_label_thresholds=tuple(
-                    sorted(set((*cfg.distill.diagnostic_thresholds, cfg.distill.score_threshold)))
-                ),
+                pseudo_label_thresholds=diagnostic_thresholds,
                 min_mask_area=cfg.distill.min_mask_area,
                 mask_threshold=cfg.distill.mask_threshold,
                 desc="eval teacher",

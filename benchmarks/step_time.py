@@ -1,0 +1,407 @@
+"""Training-step time and memory of the production model, criterion and optimizer.
+
+One iteration is exactly what ``gdistill.engine.trainer.train`` does per step (model, criterion and
+optimizer come from the trainer's own builders), on synthetic data: random uint8 images and ~5
+random instance masks per image at full input resolution (no dataset, no data loader).
+
+- ``--stage teacher``: stage A (labelled loss only).
+- ``--stage distill``: stage B in its EMA phase: EMA update of the teacher, teacher forward on the
+  weak view (eval mode, no_grad), pseudo-labels, ONE student forward over [labelled; strong], both
+  losses (unsup weight ``--unsup-weight``), backward, grad clipping, AdamW step.
+
+The randomly initialised teacher would never be confident enough to produce pseudo-labels, which
+would make the unlabelled loss almost free. Its class head is therefore calibrated once on a
+calibration batch (logits scaled, no-object bias shifted) so that about ``--pl-per-image``
+queries per image pass the production filter; the JSON reports the count actually kept.
+
+Prints ONE JSON line: ``sec_per_iter`` (median over the iterations after ``--warmup``),
+``peak_rss_gib`` (ru_maxrss), RSS after warm-up / at the end and its growth per iteration (least
+squares slope over the timed iterations), CUDA peak memory when on CUDA, and the config.
+
+    python benchmarks/step_time.py --stage teacher --backbone resnet50 --size 256 --batch 2 --iters 20
+    python benchmarks/step_time.py --stage distill ... [--profile] (phase / module / op breakdown
+    to stderr)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+from gdistill.config import Config
+from gdistill.distill.ema import ema_update
+from gdistill.distill.pseudo_labels import pseudo_labels_from_teacher
+from gdistill.engine.evaluate import autocast_for
+from gdistill.engine.optim import build_optimizer, build_scheduler
+from gdistill.engine.trainer import _split_outputs, _sum_losses, build_criterion, freeze
+from gdistill.model.mask2former import build_model, images_to_model_input
+
+NUM_CLASSES = 80
+GIB = 1024**3
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--stage", choices=("teacher", "distill"), default="teacher")
+    p.add_argument("--backbone", default="resnet50")
+    p.add_argument("--size", type=int, default=256, help="square crop side (multiple of 32)")
+    p.add_argument("--batch", type=int, default=2, help="labelled (and unlabelled) images per step")
+    p.add_argument("--iters", type=int, default=20, help="iterations after warm-up")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--queries", type=int, default=100)
+    p.add_argument("--dec-layers", type=int, default=9)
+    p.add_argument("--points", type=int, default=12544)
+    p.add_argument("--hidden", type=int, default=256, help="hidden_dim = mask_dim = pixel decoder width")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--instances", type=int, default=5, help="ground-truth masks per image (mean)")
+    p.add_argument("--pl-per-image", type=float, default=5.0, help="target pseudo-labels per image")
+    p.add_argument("--unsup-weight", type=float, default=2.0)
+    p.add_argument("--ema-decay", type=float, default=0.9996)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rss-at", default="", help="comma-separated iterations (1-based, counting "
+                   "warm-up) at which to report RSS, e.g. 50,250,500")
+    p.add_argument("--profile", action="store_true", help="phase/module/op breakdown to stderr")
+    p.add_argument("--profile-iters", type=int, default=3)
+    return p.parse_args(argv)
+
+
+def make_config(args: argparse.Namespace) -> Config:
+    cfg = Config()
+    cfg.device = args.device
+    cfg.threads = args.threads
+    cfg.model.backbone = args.backbone
+    cfg.model.pretrained = False
+    cfg.model.backbone_weights = ""
+    cfg.model.hidden_dim = args.hidden
+    cfg.model.mask_dim = args.hidden
+    cfg.model.num_queries = args.queries
+    cfg.model.dec_layers = args.dec_layers
+    cfg.model.num_classes = NUM_CLASSES
+    cfg.loss.num_points = args.points
+    cfg.solver.amp = args.amp
+    cfg.solver.max_iters = 10**9  # the LR schedule stays in its first phase
+    cfg.distill.unsup_weight = args.unsup_weight
+    cfg.distill.ema_decay = args.ema_decay
+    return cfg
+
+
+# ----------------------------------------------------------------------------- synthetic data
+
+
+def random_masks(n: int, size: int, g: torch.Generator) -> torch.Tensor:
+    """bool [n, size, size]: axis-aligned ellipses of random centre and radii (>= size/16)."""
+    yy = torch.arange(size, dtype=torch.float32).view(-1, 1)
+    xx = torch.arange(size, dtype=torch.float32).view(1, -1)
+    masks = []
+    for _ in range(n):
+        cy, cx = (torch.rand(2, generator=g) * size).tolist()
+        ry, rx = (size / 16 + torch.rand(2, generator=g) * size / 4).tolist()
+        masks.append(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0)
+    return torch.stack(masks)
+
+
+def labelled_batch(args: argparse.Namespace, g: torch.Generator) -> dict:
+    """What ``collate_labelled`` gives: uint8 images and per-image labels / full-resolution masks."""
+    images = torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8, generator=g)
+    targets = []
+    for _ in range(args.batch):
+        n = max(1, args.instances + int(torch.randint(-2, 3, (1,), generator=g)))
+        targets.append(
+            {
+                "labels": torch.randint(0, NUM_CLASSES, (n,), generator=g),
+                "masks": random_masks(n, args.size, g),
+            }
+        )
+    return {"images": images, "targets": targets}
+
+
+def unlabelled_batch(args: argparse.Namespace, g: torch.Generator) -> dict:
+    """What ``collate_unlabelled`` gives (no padding: every pixel valid)."""
+    shape = (args.batch, 3, args.size, args.size)
+    return {
+        "weak": torch.randint(0, 256, shape, dtype=torch.uint8, generator=g),
+        "strong": torch.randint(0, 256, shape, dtype=torch.uint8, generator=g),
+        "valid": torch.ones(args.batch, args.size, args.size, dtype=torch.bool),
+    }
+
+
+@torch.no_grad()
+def calibrate_teacher(teacher: torch.nn.Module, weak: torch.Tensor, per_image: float) -> None:
+    """Make the random teacher's class head confident on about ``per_image`` queries per image:
+    logits scaled to std 20 (softmax ~one-hot), no-object bias raised so that the expected fraction
+    of queries whose best real class beats no-object is per_image / Q."""
+    head = teacher.decoder.class_embed
+    logits = teacher(weak)["pred_logits"]  # [B, Q, K+1]
+    scale = 20.0 / logits.std().clamp(min=1e-6)
+    head.weight.mul_(scale)
+    head.bias.mul_(scale)
+    logits = logits * scale
+    margin = logits[..., :-1].max(-1).values - logits[..., -1]  # > 0: a real class wins
+    quantile = 1.0 - min(1.0, per_image / logits.shape[1])
+    head.bias[-1] += torch.quantile(margin.flatten().float(), quantile)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+class Phases:
+    """Wall time per named phase (synchronising CUDA) and a torch.profiler label for each."""
+
+    def __init__(self, device: torch.device, enabled: bool) -> None:
+        self.device, self.enabled = device, enabled
+        self.totals: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if not self.enabled:
+            yield
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        with torch.profiler.record_function(name):
+            yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.totals[name] += time.perf_counter() - t0
+
+
+class Step:
+    """Mirrors the body of the ``for step in range(start_step, max_iters)`` loop of
+    ``gdistill.engine.trainer.train`` (EMA update → teacher / pseudo-labels → one student forward
+    over [labelled; strong] → losses → finite check → zero_grad → backward → clip → step →
+    scheduler → ``.item()`` logging), for the EMA phase of stage B and for stage A."""
+
+    def __init__(self, args: argparse.Namespace, cfg: Config, device: torch.device, phases: Phases):
+        self.args, self.cfg, self.device, self.phase = args, cfg, device, phases
+        # trainer.train: build_model / build_criterion / build_optimizer / build_scheduler / GradScaler
+        self.student = build_model(cfg.model, NUM_CLASSES).to(device).train()
+        self.criterion = build_criterion(cfg, NUM_CLASSES).to(device)
+        solver = cfg.solver
+        self.optimizer = build_optimizer(self.student, solver.lr, solver.weight_decay, solver.backbone_lr_mult)
+        self.scheduler = build_scheduler(self.optimizer, solver)
+        self.use_scaler = device.type == "cuda" and solver.amp == "fp16"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
+        self.teacher = None
+        if args.stage == "distill":
+            # trainer.train: the teacher is its own module, frozen, in eval mode.
+            self.teacher = freeze(build_model(cfg.model, NUM_CLASSES)).to(device)
+        self.pl_kept: list[float] = []
+
+    def __call__(self, batch: dict, ubatch: dict | None) -> float:
+        cfg, device, dist, phase = self.cfg, self.device, self.cfg.distill, self.phase
+        if self.teacher is not None:
+            with phase("ema_update"):
+                ema_update(self.teacher, self.student, dist.ema_decay)
+        with phase("inputs"):
+            images = images_to_model_input(batch["images"].to(device, non_blocking=True))
+            targets = [{"labels": t["labels"].to(device), "masks": t["masks"].to(device)}
+                       for t in batch["targets"]]
+        unsup_targets = None
+        if ubatch is not None:
+            with phase("teacher_forward"), torch.no_grad():
+                weak = images_to_model_input(ubatch["weak"].to(device, non_blocking=True))
+                t_out = self.teacher(weak)
+            with phase("pseudo_labels"), torch.no_grad():
+                unsup_targets, stats = pseudo_labels_from_teacher(
+                    t_out["pred_logits"],
+                    t_out["pred_masks"],
+                    dist.score_threshold,
+                    dist.min_mask_area,
+                    dist.mask_threshold,
+                    ubatch["valid"].to(device),
+                )
+                self.pl_kept.append(stats["pl_per_image"])
+            for t in unsup_targets:
+                t.pop("scores")
+            strong = images_to_model_input(ubatch["strong"].to(device, non_blocking=True))
+
+        with autocast_for(device, cfg.solver.amp):
+            with phase("student_forward"):
+                if unsup_targets is not None:
+                    outputs = self.student(torch.cat([images, strong]))
+                    sup_out, unsup_out = _split_outputs(outputs, images.shape[0])
+                else:
+                    sup_out, unsup_out = self.student(images), None
+            with phase("criterion"):
+                sup_losses = self.criterion(sup_out, targets)
+                loss_sup = _sum_losses(sup_losses)
+                loss = loss_sup
+                loss_unsup = torch.zeros((), device=device)
+                if unsup_out is not None:
+                    loss_unsup = dist.unsup_weight * _sum_losses(self.criterion(unsup_out, unsup_targets))
+                    loss = loss + loss_unsup
+
+        if not torch.isfinite(loss):
+            raise RuntimeError("non-finite loss in the benchmark")
+        with phase("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+        with phase("clip_grad"):
+            if cfg.solver.clip_grad_norm > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.solver.clip_grad_norm)
+        with phase("optimizer"):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+        with phase("logging"):
+            values = {"loss": loss.item(), "loss_sup": loss_sup.item(), "loss_unsup": loss_unsup.item()}
+            for key in ("loss_ce", "loss_mask", "loss_dice"):
+                values[key] = sup_losses[key].item()
+        return values["loss"]
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def current_rss_gib() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / GIB
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # KiB on Linux
+
+
+def slope(values: list[float]) -> float:
+    """Least-squares slope of values against their index."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean_x, mean_y = (n - 1) / 2, sum(values) / n
+    num = sum((i - mean_x) * (v - mean_y) for i, v in enumerate(values))
+    den = sum((i - mean_x) ** 2 for i in range(n))
+    return num / den
+
+
+def module_timers(model: torch.nn.Module, totals: dict[str, float], prefix: str) -> list:
+    """Forward wall time of backbone / pixel decoder / decoder via hooks (CPU: synchronous)."""
+    handles = []
+    for name in ("backbone", "pixel_decoder", "decoder"):
+        module = getattr(model, name)
+        start: dict[str, float] = {}
+
+        def pre(_m, _i, name=name, start=start):
+            start[name] = time.perf_counter()
+
+        def post(_m, _i, _o, name=name, start=start):
+            totals[f"{prefix}.{name}.forward"] += time.perf_counter() - start[name]
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    return handles
+
+
+def run_profile(step: Step, batches: list, ubatches: list, args: argparse.Namespace) -> None:
+    """Phase and module wall times over --profile-iters steps, then the top ops by self CPU time."""
+    modules: dict[str, float] = defaultdict(float)
+    handles = module_timers(step.student, modules, "student")
+    if step.teacher is not None:
+        handles += module_timers(step.teacher, modules, "teacher")
+    step.phase.enabled = True
+    step.phase.totals.clear()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if step.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities, record_shapes=False) as prof:
+        t0 = time.perf_counter()
+        for i in range(args.profile_iters):
+            step(batches[i % len(batches)], ubatches[i % len(ubatches)] if ubatches else None)
+        total = time.perf_counter() - t0
+    for h in handles:
+        h.remove()
+    n = args.profile_iters
+    print(f"== profile: {n} iterations, {total / n:.3f} s/iter (profiler overhead included)",
+          file=sys.stderr)
+    print("== phases (s/iter)", file=sys.stderr)
+    for name, t in sorted(step.phase.totals.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:<28s} {t / n:8.3f}  {100 * t / total:5.1f}%", file=sys.stderr)
+    print("== module forwards (s/iter)", file=sys.stderr)
+    for name, t in sorted(modules.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:<28s} {t / n:8.3f}  {100 * t / total:5.1f}%", file=sys.stderr)
+    sort_by = "self_cuda_time_total" if step.device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=40), file=sys.stderr)
+    step.phase.enabled = False
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    cfg = make_config(args)
+    phases = Phases(device, enabled=False)
+    step = Step(args, cfg, device, phases)
+
+    g = torch.Generator().manual_seed(args.seed)
+    pool = 4  # distinct batches cycled through (pre-built: data creation is not timed)
+    batches = [labelled_batch(args, g) for _ in range(pool)]
+    ubatches = [unlabelled_batch(args, g) for _ in range(pool)] if args.stage == "distill" else []
+    if step.teacher is not None:
+        calibrate_teacher(step.teacher, images_to_model_input(ubatches[0]["weak"].to(device)),
+                          args.pl_per_image)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    rss_at = {int(x) for x in args.rss_at.split(",") if x.strip()}
+    rss_report: dict[str, float] = {}
+    times, rss = [], []
+    total = args.warmup + args.iters
+    for i in range(total):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        step(batches[i % pool], ubatches[i % pool] if ubatches else None)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        if i >= args.warmup:
+            times.append(dt)
+            rss.append(current_rss_gib())
+        if i + 1 in rss_at:
+            rss_report[str(i + 1)] = round(current_rss_gib(), 4)
+        if args.profile and i + 1 == args.warmup:
+            run_profile(step, batches, ubatches, args)
+
+    result = {
+        "stage": args.stage,
+        "sec_per_iter": round(statistics.median(times), 4),
+        "sec_per_iter_min": round(min(times), 4),
+        "sec_per_iter_mean": round(statistics.fmean(times), 4),
+        "peak_rss_gib": round(peak_rss_gib(), 4),
+        "rss_after_warmup_gib": round(rss[0], 4),
+        "rss_end_gib": round(rss[-1], 4),
+        "rss_growth_mib_per_iter": round(slope(rss) * 1024, 3),
+        "rss_gib_at": rss_report,
+        "config": {
+            k: getattr(args, k)
+            for k in ("backbone", "size", "batch", "iters", "warmup", "threads", "queries",
+                      "dec_layers", "points", "hidden", "amp", "device", "instances", "seed")
+        },
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
+    }
+    if args.stage == "distill":
+        result["pl_per_image_mean"] = round(statistics.fmean(step.pl_kept), 2)
+    if device.type == "cuda":
+        result["cuda_max_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / GIB, 4)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

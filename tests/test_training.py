@@ -1,0 +1,155 @@
+"""End-to-end training on tiny synthetic data: learning, hand-over, resume, determinism."""
+
+import shutil
+
+import pytest
+import torch
+
+from gdistill.config import load_config
+from gdistill.data.coco import load_coco
+from gdistill.data.sources import unlabelled_from_coco
+from gdistill.data.synthetic import generate_synthetic
+from gdistill.engine.checkpoint import load_checkpoint
+from gdistill.engine.trainer import TrainingData, train
+from gdistill.errors import GdistillError
+
+TINY = [
+    "data.image_size=64", "data.test_short_side=64", "data.test_max_side=64",
+    "data.batch_size=2", "data.unlabelled_batch_size=2", "model.hidden_dim=32", "model.mask_dim=32",
+    "model.num_queries=8", "model.dec_layers=2", "model.dim_feedforward=64",
+    "model.enc_dim_feedforward=64", "loss.num_points=128", "threads=1", "log_period=1",
+    "solver.warmup_iters=0",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    train_json, val_json = generate_synthetic(root, 6, 2, seed=3, image_size=64, progress=False)
+    labelled = load_coco(train_json)
+    return TrainingData(
+        labelled=labelled,
+        images_dir=root / "images",
+        val=load_coco(val_json),
+        val_images_dir=root / "images",
+        unlabelled=unlabelled_from_coco(train_json, root / "images"),
+    )
+
+
+@pytest.fixture(scope="module")
+def stage_a(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    cfg = load_config("demo", [*TINY, "solver.max_iters=4", "eval_period=0", "checkpoint_period=0"])
+    train(cfg, out, tiny_data, progress=False)
+    return out
+
+
+def _weights(payload, key):
+    return {k: v.clone() for k, v in payload[key].items()}
+
+
+def _equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_overfits_a_few_images(tmp_path):
+    """A tiny model learns 4 training images almost perfectly (mask AP on the same images)."""
+    train_json, _ = generate_synthetic(tmp_path / "d", 4, 1, seed=3, image_size=64, progress=False)
+    ds = load_coco(train_json)
+    cfg = load_config("demo", [
+        *TINY, "data.batch_size=4", "data.scale_range=[1.0,1.0]", "model.hidden_dim=64",
+        "model.mask_dim=64", "model.num_queries=16", "model.dim_feedforward=128",
+        "model.enc_dim_feedforward=128", "loss.num_points=256", "solver.max_iters=150",
+        "solver.lr=0.001", "solver.lr_steps=[1000]", "eval_period=0", "checkpoint_period=0",
+        "log_period=50",
+    ])
+    result = train(cfg, tmp_path / "run", TrainingData(ds, tmp_path / "d" / "images", ds,
+                                                       tmp_path / "d" / "images"), progress=False)
+    assert result["student_AP"] > 60.0, result
+    run = tmp_path / "run"
+    for name in ("config.yaml", "run.json", "metrics.csv", "eval.csv", "last.pt", "best.pt"):
+        assert (run / name).is_file(), name
+
+
+def _distill(tiny_data, teacher_dir, out, burn_in, max_iters, burnin_iters=3, extra=()):
+    cfg = load_config("demo", [
+        *TINY, f"solver.max_iters={max_iters}", "eval_period=0", "checkpoint_period=3",
+        f"distill.burn_in={burn_in}", f"distill.burnin_iters={burnin_iters}",
+        "distill.ema_decay=0.5", "distill.score_threshold=0.0", "distill.min_mask_area=0",
+        *extra,
+    ])
+    train(cfg, out, tiny_data, teacher_checkpoint=teacher_dir / "best.pt", progress=False)
+    return load_checkpoint(out / "last.pt")
+
+
+@pytest.mark.parametrize("burn_in", ["guided", "standard"])
+def test_teacher_frozen_during_burn_in_then_handed_over(tiny_data, stage_a, tmp_path, burn_in):
+    teacher_a = _weights(load_checkpoint(stage_a / "best.pt"), "model")
+    during = _distill(tiny_data, stage_a, tmp_path / "a", burn_in, max_iters=3)
+    # Through burn-in the teacher is exactly the stage-A model: no gradient, no EMA.
+    assert _equal(_weights(during, "teacher"), teacher_a)
+    assert not _equal(_weights(during, "model"), teacher_a)
+    # One step more: at step 3 the teacher becomes a copy of the student of step 3 (same seed and
+    # data, so the same student as run "a" ends with).
+    after = _distill(tiny_data, stage_a, tmp_path / "b", burn_in, max_iters=4)
+    assert _equal(_weights(after, "teacher"), _weights(during, "model"))
+
+
+def test_no_burn_in_hands_over_at_step_zero(tiny_data, stage_a, tmp_path):
+    result = _distill(tiny_data, stage_a, tmp_path / "n", "none", max_iters=1,
+                      extra=["distill.student_init=teacher"])
+    teacher_a = _weights(load_checkpoint(stage_a / "best.pt"), "model")
+    # student_init=teacher + hand-over at step 0: the teacher is still the stage-A weights
+    assert _equal(_weights(result, "teacher"), teacher_a)
+
+
+def test_resume_is_exact_across_the_handover(tiny_data, stage_a, tmp_path):
+    full = _distill(tiny_data, stage_a, tmp_path / "full", "guided", max_iters=6, burnin_iters=4)
+    # Rebuild the state of a run killed after step 3 (its last checkpoint) and resume it.
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    shutil.copy(tmp_path / "full" / "last.prev.pt", killed / "last.pt")
+    assert load_checkpoint(killed / "last.pt")["step"] == 3
+    cfg = load_config("demo", TINY)
+    train(cfg, killed, tiny_data, resume=True, progress=False)
+    resumed = load_checkpoint(killed / "last.pt")
+    assert resumed["step"] == 6
+    assert _equal(_weights(resumed, "model"), _weights(full, "model"))
+    assert _equal(_weights(resumed, "teacher"), _weights(full, "teacher"))
+
+
+def test_distill_logs_pseudo_label_statistics(tiny_data, stage_a, tmp_path):
+    out = tmp_path / "s"
+    cfg = load_config("demo", [*TINY, "solver.max_iters=2", "eval_period=2",
+                               "distill.score_threshold=0.0", "distill.min_mask_area=0"])
+    result = train(cfg, out, tiny_data, teacher_checkpoint=stage_a / "best.pt", progress=False)
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    for column in ("loss_unsup", "pl_kept", "pl_candidates", "pl_per_image", "phase"):
+        assert column in header
+    eval_header = (out / "eval.csv").read_text().splitlines()[0].split(",")
+    assert "teacher_pl_precision@0.7" in eval_header and "student_AP" in eval_header
+    assert "teacher_AP" in result and "student_AP" in result
+
+
+def test_init_weights_starts_from_checkpoint(tiny_data, stage_a, tmp_path):
+    cfg = load_config("demo", [*TINY, "solver.max_iters=1", "eval_period=0", "solver.lr=1e-12"])
+    train(cfg, tmp_path / "c", tiny_data, init_weights=stage_a / "best.pt", progress=False)
+    start = _weights(load_checkpoint(stage_a / "best.pt"), "model")
+    after = _weights(load_checkpoint(tmp_path / "c" / "last.pt"), "model")
+    # lr ~ 0: parameters stay (BN statistics move with the forward pass)
+    assert all(torch.allclose(start[k], after[k], atol=1e-6) for k in start if "running" not in k
+               and "num_batches" not in k)
+
+
+def test_resume_without_checkpoint_is_an_error(tiny_data, tmp_path):
+    with pytest.raises(GdistillError, match="nothing to resume"):
+        train(load_config("demo", TINY), tmp_path / "empty", tiny_data, resume=True, progress=False)
+
+
+def test_teacher_with_other_classes_is_rejected(tiny_data, stage_a, tmp_path):
+    payload = load_checkpoint(stage_a / "best.pt")
+    payload["class_names"] = ["a", "b"]
+    torch.save(payload, tmp_path / "other.pt")
+    cfg = load_config("demo", [*TINY, "solver.max_iters=1"])
+    with pytest.raises(GdistillError, match="other.pt: classes"):
+        train(cfg, tmp_path / "x", tiny_data, teacher_checkpoint=tmp_path / "other.pt", progress=False)
