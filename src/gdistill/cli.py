@@ -11,7 +11,10 @@ from gdistill.errors import GdistillError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file of config overrides, or a packaged preset: demo, coco_r50, cityscapes_r50, coco_dinov2_l, coco_swin_l")
+    p.add_argument(
+        "--config",
+        help="YAML file of config overrides, or a packaged preset: demo, coco_r50, cityscapes_r50, coco_dinov2_l, coco_swin_l",
+    )
     p.add_argument(
         "--backbone-weights",
         help="local backbone weights file (state dict), or "
@@ -89,6 +92,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="write metrics JSON here")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("predict", help="segment images: COCO results JSON and overlay pictures")
+    p.add_argument("--weights", required=True, type=Path, help="checkpoint of `gdistill train` / `distill`")
+    p.add_argument("--input", required=True, type=Path, help="an image, or a folder (searched recursively)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--model", choices=("student", "teacher"), default="student")
+    p.add_argument("--score-threshold", type=float, default=0.5, help="keep instances scoring at least this")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("report", help="training curves, example pictures and summary.md of a run")
+    p.add_argument("run", type=Path, help="run folder of `gdistill train` / `distill`")
+    p.add_argument("--out", type=Path, help="report folder (default RUN/report)")
+    p.add_argument("--val", type=Path, help="validation COCO JSON (default: the run's)")
+    p.add_argument("--images", type=Path, help="image root of --val")
+    p.add_argument("--num-images", type=int, default=8, help="validation images in predictions.png")
+    p.add_argument(
+        "--unlabelled", type=Path, help="COCO JSON or image folder: also draw pseudo-labels on it"
+    )
+    p.add_argument("--unlabelled-images", type=Path, help="image root of an --unlabelled JSON")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("export", help="export a model to ONNX or TorchScript (raw outputs)")
+    p.add_argument("--weights", required=True, type=Path)
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    p.add_argument("--out", required=True, type=Path, help="output file, e.g. model.onnx")
+    p.add_argument("--model", choices=("student", "teacher"), default="student")
+    p.add_argument("--height", type=int, default=320, help="input height (multiple of 32)")
+    p.add_argument("--width", type=int, default=320, help="input width (multiple of 32)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (16 or later)")
 
     return parser
 
@@ -214,12 +248,68 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}")
 
 
+def cmd_predict(args: argparse.Namespace) -> None:
+    from gdistill.predict import predict_to_folder
+
+    done = predict_to_folder(
+        args.weights,
+        args.input,
+        args.out,
+        model=args.model,
+        score_threshold=args.score_threshold,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    print(
+        f"{done['images']} images, {done['instances']} instances with score >= "
+        f"{args.score_threshold:g} → {done['predictions']} (ids in {args.out / 'images.json'}); "
+        f"overlays under {done['overlays']}"
+    )
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from gdistill.report import write_report
+
+    done = write_report(
+        args.run,
+        args.out,
+        val=args.val,
+        images=args.images,
+        unlabelled=args.unlabelled,
+        unlabelled_images=args.unlabelled_images,
+        device=args.device,
+        num_images=args.num_images,
+    )
+    for path in done["pictures"]:
+        print(f"wrote {path}")
+    for note in done["notes"]:
+        print(f"note: {note}")
+    print(f"wrote {done['summary']}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from gdistill.export import export_model
+
+    path = export_model(
+        args.weights, args.out, args.format, args.model, args.height, args.width, args.opset
+    )
+    print(
+        f"wrote {path} ({args.format}): images float32 [B, 3, {args.height}, {args.width}] in [0, 1] "
+        f"→ pred_logits [B, Q, K+1], pred_masks [B, Q, {args.height // 4}, {args.width // 4}] "
+        "(post-process with gdistill.export.outputs_to_instances)"
+    )
+
+
 COMMANDS = {
     "synth": cmd_synth,
     "split": cmd_split,
     "train": cmd_train,
     "distill": cmd_distill,
     "eval": cmd_eval,
+    "predict": cmd_predict,
+    "report": cmd_report,
+    "export": cmd_export,
 }
 
 

@@ -143,7 +143,9 @@ def run_demo(
         _say(progress, f"[demo] seed {seed}: teacher on {len(labelled['images'])} labelled images")
         teacher_dir = seed_dir / "teacher"
         teacher_result = train(
-            demo_config(tier, seed, tier.teacher_iters, overrides), teacher_dir, data,
+            demo_config(tier, seed, tier.teacher_iters, overrides),
+            teacher_dir,
+            data,
             progress=progress,
         )
         teacher_ckpt = teacher_dir / "best.pt"
@@ -157,7 +159,9 @@ def run_demo(
             else:
                 burn_in = "standard" if arm == "standard_burnin" else "guided"
                 cfg = demo_config(
-                    tier, seed, tier.student_iters,
+                    tier,
+                    seed,
+                    tier.student_iters,
                     [f"distill.burn_in={burn_in}", "distill.student_init=teacher", *overrides],
                 )
                 train(cfg, arm_dir, data, teacher_checkpoint=teacher_ckpt, progress=progress)
@@ -209,8 +213,10 @@ def format_demo_table(result: dict) -> str:
         if row.get("AP_std"):
             ap = f"{ap}±{row['AP_std']:.1f}"
         lines.append(f"{arm:18s}{ap:>8s}{_cell(row['AP50']):>8s}{_cell(row['AP75']):>8s}")
-    lines.append(f"({result['tier']['name']} tier, seeds {result['tier']['seeds']}, "
-                 f"{result['minutes']:.1f} min; mask AP in percent on the validation images)")
+    lines.append(
+        f"({result['tier']['name']} tier, seeds {result['tier']['seeds']}, "
+        f"{result['minutes']:.1f} min; mask AP in percent on the validation images)"
+    )
     return "\n".join(lines)
 
 
@@ -236,8 +242,12 @@ def _write_plot(out_dir: Path, per_seed: dict) -> None:
             if pl:
                 ax_pl.plot(*zip(*pl, strict=True), color=colours[arm], label=label, marker="o")
     ax_ap.set(title="student mask AP (validation)", xlabel="stage-B iteration", ylabel="AP")
-    ax_pl.set(title="teacher pseudo-label precision (validation)", xlabel="stage-B iteration",
-              ylabel="precision", ylim=(0, 1))
+    ax_pl.set(
+        title="teacher pseudo-label precision (validation)",
+        xlabel="stage-B iteration",
+        ylabel="precision",
+        ylim=(0, 1),
+    )
     ax_ap.legend()
     ax_pl.legend()
     fig.tight_layout()

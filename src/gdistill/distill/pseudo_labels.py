@@ -132,6 +132,12 @@ class PseudoLabelQuality:
                 labels[keep], masks[keep], scores[keep], gt_labels, gt_masks, self.iou_threshold
             )
 
+    def merge(self, other: PseudoLabelQuality) -> None:
+        """Add the counts of another accumulator (another process's shard)."""
+        self.tp = [a + b for a, b in zip(self.tp, other.tp, strict=True)]
+        self.num_pred = [a + b for a, b in zip(self.num_pred, other.num_pred, strict=True)]
+        self.num_gt += other.num_gt
+
     def summary(self) -> dict[str, float]:
         """``{"pl_precision@0.7": .., "pl_recall@0.7": ..}`` for each t."""
         out = {}

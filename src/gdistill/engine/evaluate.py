@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from gdistill.data.coco import CocoDataset, load_targets
 from gdistill.distill.pseudo_labels import PseudoLabelQuality
+from gdistill.engine.distributed import all_gather_objects, broadcast_object, rank
 from gdistill.evaluation.coco_eval import evaluate_masks, instances_to_coco_results
 from gdistill.model.mask2former import Instances, images_to_model_input, instances_from_outputs
 
@@ -129,9 +130,17 @@ def evaluate_model(
                     torch.as_tensor(gt_labels),
                     torch.as_tensor(gt_masks),
                 )
-    metrics = evaluate_masks(
-        dataset.raw, results, per_class=per_class, image_ids=[img.id for img in dataset.images]
-    )
+    # Under torchrun each rank saw a shard of the images: gather, score on rank 0, share.
+    results = [r for part in all_gather_objects(results) for r in part]
     if quality is not None:
-        metrics.update(quality.summary())
-    return metrics, results
+        shards = all_gather_objects(quality)  # collective: every rank calls it
+        for other in shards[1:]:
+            quality.merge(other)
+    metrics = None
+    if rank() == 0:
+        metrics = evaluate_masks(
+            dataset.raw, results, per_class=per_class, image_ids=[img.id for img in dataset.images]
+        )
+        if quality is not None:
+            metrics.update(quality.summary())
+    return broadcast_object(metrics), results

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from gdistill.data.sources import UnlabelledImage
 from gdistill.distill.ema import ema_update
 from gdistill.distill.pseudo_labels import class_histogram, pseudo_labels_from_teacher
 from gdistill.distill.schedule import phase_name, teacher_decay_for_step, unsupervised_loss_active
+from gdistill.engine import distributed
 from gdistill.engine.checkpoint import (
     latest_good_checkpoint,
     load_checkpoint,
@@ -196,9 +198,14 @@ def train(
         stage = "distill" if teacher_checkpoint else "teacher"
     is_distill = stage == "distill"
 
-    device = resolve_device(cfg.device)
+    device = distributed.init_distributed(cfg.device) or resolve_device(cfg.device)
+    rank, world = distributed.rank(), distributed.world_size()
+    main_process = rank == 0
+    progress = progress and main_process
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    # Every rank builds identical models from the same seed; the data and point sampling of each
+    # rank then differ through the rank-offset seed and the samplers' shards.
     seed_everything(cfg.seed)
     class_names = data.labelled.class_names
     category_ids = [data.labelled.category_id(c) for c in range(data.labelled.num_classes)]
@@ -235,6 +242,15 @@ def train(
     student.to(device).train()
     criterion = build_criterion(cfg, num_classes).to(device)
     optimizer = build_optimizer(student, cfg.solver.lr, cfg.solver.weight_decay, cfg.solver.backbone_lr_mult)
+    # The student is DDP-wrapped; the teacher never is (it only changes through the EMA, which
+    # every rank applies to its own copy from identical student weights).
+    model = student
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            student,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+        )
     scheduler = build_scheduler(optimizer, cfg.solver)
     use_scaler = device.type == "cuda" and cfg.solver.amp == "fp16"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
@@ -251,20 +267,28 @@ def train(
         start_step = state["step"]
         best_ap = state["best_ap"]
         last_eval = state.get("last_eval", {})
-        set_rng_state(state["rng"])
+        rng = state["rng"]
+        if isinstance(rng, list):  # one state per rank
+            if len(rng) != world:
+                raise GdistillError(f"{state_path}: saved by {len(rng)} processes, resumed with {world}")
+            rng = rng[rank]
+        set_rng_state(rng)
     else:
+        seed_everything(cfg.seed + rank)
+    if state is None and main_process:
         write_run_info(
             out_dir,
             cfg,
             {
                 "stage": stage,
                 "teacher_checkpoint": str(teacher_checkpoint) if teacher_checkpoint else None,
-            "init_weights": str(init_weights) if init_weights else None,
+                "init_weights": str(init_weights) if init_weights else None,
                 "labelled": str(data.labelled.path),
                 "labelled_images": len(data.labelled.images),
                 "unlabelled_images": len(data.unlabelled or []),
                 "val": str(data.val.path) if data.val else None,
                 "classes": class_names,
+                "world_size": world,
             },
         )
 
@@ -278,10 +302,13 @@ def train(
     )
     if dcfg.repeat_factor_threshold > 0:
         sampler = RepeatFactorSampler(
-            repeat_factors(data.labelled, dcfg.repeat_factor_threshold), seed=cfg.seed
+            repeat_factors(data.labelled, dcfg.repeat_factor_threshold),
+            seed=cfg.seed,
+            rank=rank,
+            world_size=world,
         )
     else:
-        sampler = InfiniteSampler(len(labelled_ds), seed=cfg.seed)
+        sampler = InfiniteSampler(len(labelled_ds), seed=cfg.seed, rank=rank, world_size=world)
     labelled_iter = infinite_loader(
         labelled_ds,
         dcfg.batch_size,
@@ -306,27 +333,29 @@ def train(
             unlabelled_ds,
             dcfg.unlabelled_batch_size,
             collate_unlabelled,
-            InfiniteSampler(len(unlabelled_ds), seed=cfg.seed + 1),
+            InfiniteSampler(len(unlabelled_ds), seed=cfg.seed + 1, rank=rank, world_size=world),
             dcfg.num_workers,
             seed=cfg.seed + 1,
             start_batch=consumed,
         )
     val_loader = None
     if data.val is not None:
+        val_set = EvalDataset(data.val, data.val_images_dir, dcfg.test_short_side, dcfg.test_max_side)
+        if world > 1:  # each rank evaluates a shard; results are gathered
+            val_set = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
         val_loader = torch.utils.data.DataLoader(
-            EvalDataset(data.val, data.val_images_dir, dcfg.test_short_side, dcfg.test_max_side),
+            val_set,
             batch_size=dcfg.eval_batch_size,
             shuffle=False,
             collate_fn=collate_eval,
             num_workers=min(dcfg.num_workers, 2),
         )
 
-    step_log = MetricsLog(out_dir / "metrics.csv", start_step if state is not None else None)
-    eval_log = MetricsLog(out_dir / "eval.csv", start_step if state is not None else None)
+    if main_process:
+        step_log = MetricsLog(out_dir / "metrics.csv", start_step if state is not None else None)
+        eval_log = MetricsLog(out_dir / "eval.csv", start_step if state is not None else None)
 
-    diagnostic_thresholds = tuple(
-        sorted({*cfg.distill.diagnostic_thresholds, cfg.distill.score_threshold})
-    )
+    diagnostic_thresholds = tuple(sorted({*cfg.distill.diagnostic_thresholds, cfg.distill.score_threshold}))
 
     def evaluate(step: int) -> dict:
         if val_loader is None:
@@ -362,7 +391,8 @@ def train(
                 progress=progress,
             )
             row.update({f"teacher_{k}": v for k, v in metrics_t.items() if not isinstance(v, dict)})
-        eval_log.write(row)
+        if main_process:
+            eval_log.write(row)
         return row
 
     def checkpoint_payload(step: int, with_optimizer: bool) -> dict:
@@ -378,11 +408,12 @@ def train(
             "last_eval": last_eval,
         }
         if with_optimizer:
+            rng_states = distributed.all_gather_objects(rng_state())
             payload.update(
                 optimizer=optimizer.state_dict(),
                 scheduler=scheduler.state_dict(),
                 scaler=scaler.state_dict() if use_scaler else None,
-                rng=rng_state(),
+                rng=rng_states if world > 1 else rng_states[0],
             )
         return payload
 
@@ -430,14 +461,13 @@ def train(
             strong = images_to_model_input(ubatch["strong"].to(device, non_blocking=True))
 
         with autocast_for(device, cfg.solver.amp):
-            if unsup_targets is not None and strong.shape[1:] == images.shape[1:]:
-                # One student forward over [labelled; strong] (same crop size), split afterwards.
-                outputs = student(torch.cat([images, strong]))
-                n = images.shape[0]
-                sup_out, unsup_out = _split_outputs(outputs, n)
+            if unsup_targets is not None:
+                # One student forward over [labelled; strong], split afterwards: both are
+                # data.image_size crops padded alike, and DDP wants one forward per backward.
+                outputs = model(torch.cat([images, strong]))
+                sup_out, unsup_out = _split_outputs(outputs, images.shape[0])
             else:
-                sup_out = student(images)
-                unsup_out = student(strong) if unsup_targets is not None else None
+                sup_out, unsup_out = model(images), None
             sup_losses = criterion(sup_out, targets)
             loss_sup = _sum_losses(sup_losses)
             loss = loss_sup
@@ -446,7 +476,10 @@ def train(
                 loss_unsup = dist.unsup_weight * _sum_losses(criterion(unsup_out, unsup_targets))
                 loss = loss + loss_unsup
 
-        if not torch.isfinite(loss):
+        finite = torch.isfinite(loss.detach()).float()
+        if world > 1:  # every rank must skip together, or DDP would wait forever
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if not bool(finite):
             # A non-finite loss never reaches the weights or a checkpoint.
             optimizer.zero_grad(set_to_none=True)
             nonfinite_in_a_row += 1
@@ -500,7 +533,8 @@ def train(
             row["skipped_steps"] = skipped_steps
             if teacher is not None and unsup_targets is not None:
                 row["pl_per_class"] = "|".join(str(c) for c in class_histogram(unsup_targets, num_classes))
-            step_log.write(row)
+            if main_process:
+                step_log.write(row)
             postfix = {"loss": f"{row['loss']:.2f}"}
             if teacher is not None:
                 postfix["unsup"] = f"{row['loss_unsup']:.2f}"
@@ -521,13 +555,28 @@ def train(
             ap = -1.0 if ap is None else ap
             if val_loader is not None and ap > best_ap:
                 best_ap = ap
-                save_checkpoint(checkpoint_payload(done, with_optimizer=False), out_dir / "best.pt")
+                if main_process:
+                    save_checkpoint(checkpoint_payload(done, with_optimizer=False), out_dir / "best.pt")
         if (cfg.checkpoint_period > 0 and done % cfg.checkpoint_period == 0) or done == max_iters:
-            rotate_and_save(checkpoint_payload(done, with_optimizer=True), out_dir)
+            payload = checkpoint_payload(done, with_optimizer=True)  # collective: every rank
+            if main_process:
+                rotate_and_save(payload, out_dir)
     bar.close()
-    if val_loader is None and not (out_dir / "best.pt").exists():
+    if main_process and val_loader is None and not (out_dir / "best.pt").exists():
         save_checkpoint(checkpoint_payload(max_iters, with_optimizer=False), out_dir / "best.pt")
-    return {"best_AP": best_ap, **last_eval}
+    result = {"best_AP": best_ap, **last_eval}
+    if world > 1:
+        # DDP keeps the student replicas identical; check it, and say so in the run folder.
+        prints = distributed.all_gather_objects(distributed.weights_fingerprint(student))
+        in_sync = all(p == prints[0] for p in prints)
+        if main_process:
+            (out_dir / "ranks.json").write_text(
+                json.dumps({"world_size": world, "in_sync": in_sync, "fingerprints": prints}) + "\n"
+            )
+        if not in_sync:
+            raise GdistillError(f"{out_dir}: the student replicas of the {world} processes diverged")
+        distributed.barrier()
+    return result
 
 
 def _split_outputs(outputs: dict, n: int) -> tuple[dict, dict]:

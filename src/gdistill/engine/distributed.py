@@ -1,0 +1,67 @@
+"""torchrun / DistributedDataParallel set-up and the few collective helpers the trainer needs.
+
+``torchrun --nproc_per_node N -m gdistill train ...`` sets RANK, WORLD_SIZE and LOCAL_RANK; a
+plain ``gdistill train`` runs as a single process with world size 1.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def init_distributed(device_name: str) -> torch.device:
+    """Join the process group when launched by torchrun and return this process's device."""
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if env_world > 1 and not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and device_name != "cpu"
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if world_size() > 1 and torch.cuda.is_available() and device_name != "cpu":
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (a one-element list when not distributed)."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def weights_fingerprint(model: torch.nn.Module) -> list[float]:
+    """A cheap per-tensor summary of a model's parameters, to check that ranks agree."""
+    with torch.no_grad():
+        return [float(p.double().sum()) for p in model.parameters()]

@@ -1,0 +1,131 @@
+"""Export a trained model to ONNX or TorchScript.
+
+The exported graph maps images to the model's raw outputs::
+
+    images       float32 [B, 3, H, W], RGB in [0, 1]  (H, W fixed at export; B free)
+    pred_logits  float32 [B, Q, K+1]                   class logits, index K = no object
+    pred_masks   float32 [B, Q, H/4, W/4]              mask logits at stride 4
+
+Normalisation (ImageNet mean / std) is inside the graph. Instance post-processing (top-k
+(query, class) pairs, mask upsampling, scores) stays in Python: resize and pad an image with
+:func:`fit_to_input`, run the exported model, then call :func:`outputs_to_instances`::
+
+    x, size = fit_to_input(image, 320, 320)                    # image: uint8 [H, W, 3]
+    logits, masks = session.run(None, {"images": x.numpy()})   # onnxruntime
+    instances = outputs_to_instances(logits, masks, size, image.shape[:2])
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gdistill.errors import GdistillError
+from gdistill.model.mask2former import Instances, instances_from_outputs
+
+FORMATS = ("onnx", "torchscript")
+ONNX_OPSET = 17  # GridSample (deformable attention) needs opset >= 16
+
+
+class RawOutputs(nn.Module):
+    """Mask2Former without the auxiliary outputs: images [B, 3, H, W] in [0, 1] →
+    (pred_logits [B, Q, K+1], pred_masks [B, Q, H/4, W/4])."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.model(images)
+        return out["pred_logits"], out["pred_masks"]
+
+
+def _and_symbolic(g, a, b):
+    return g.op("And", a, b)
+
+
+def _export_onnx(module: nn.Module, example: Tensor, out: Path, opset: int) -> None:
+    # The TorchScript-based exporter: the torch.export-based default needs the optional
+    # onnxscript package. It has no rule for in-place `&=` (the decoder's attention mask).
+    torch.onnx.register_custom_op_symbolic("aten::__iand_", _and_symbolic, opset)
+    torch.onnx.export(
+        module,
+        (example,),
+        str(out),
+        input_names=["images"],
+        output_names=["pred_logits", "pred_masks"],
+        dynamic_axes={name: {0: "batch"} for name in ("images", "pred_logits", "pred_masks")},
+        opset_version=opset,
+        dynamo=False,
+    )
+
+
+def export_model(
+    weights: str | Path,
+    out: str | Path,
+    fmt: str = "onnx",
+    model: str = "student",
+    height: int = 320,
+    width: int = 320,
+    opset: int = ONNX_OPSET,
+) -> Path:
+    """Export the student (or teacher) of a checkpoint for inputs of ``height`` × ``width``
+    (multiples of 32) to ``out``; see the module docstring for inputs and outputs."""
+    from gdistill.inference import load_model
+
+    if fmt not in FORMATS:
+        raise GdistillError(f"export format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if height <= 0 or width <= 0 or height % 32 or width % 32:
+        raise GdistillError(f"export size must be positive multiples of 32, got {height}x{width}")
+    if fmt == "onnx" and opset < 16:
+        raise GdistillError(f"ONNX opset must be at least 16 (GridSample), got {opset}")
+    predictor = load_model(weights, model, device="cpu")
+    module = RawOutputs(predictor.model).eval()
+    example = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        # Tracing records shapes as constants (fine: the size is fixed at export) and warns so.
+        warnings.simplefilter("ignore")
+        if fmt == "onnx":
+            _export_onnx(module, example, out, opset)
+        else:
+            torch.jit.trace(module, (example,), check_trace=False).save(str(out))
+    return out
+
+
+def fit_to_input(image, height: int, width: int) -> tuple[Tensor, tuple[int, int]]:
+    """Resize an image to fit inside ``height`` × ``width`` (aspect kept) and pad it bottom /
+    right with zeros.
+
+    Args:
+        image: uint8 [H, W, 3] array or uint8 [3, H, W] tensor.
+    Returns:
+        (float32 [1, 3, height, width] in [0, 1], (h, w) of the image inside the padding).
+    """
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected an image [H, W, 3] or [3, H, W], got {tuple(image.shape)}")
+    h0, w0 = image.shape[-2:]
+    scale = min(height / h0, width / w0)
+    h, w = max(1, min(height, round(h0 * scale))), max(1, min(width, round(w0 * scale)))
+    x = image[None].float()
+    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=scale < 1)
+    x = x.round().clamp(0, 255) / 255.0
+    return F.pad(x, (0, width - w, 0, height - h)), (h, w)
+
+
+def outputs_to_instances(
+    pred_logits, pred_masks, image_size: tuple[int, int], orig_size: tuple[int, int], top_k: int = 100
+) -> Instances:
+    """Raw outputs of one image ([1, Q, K+1], [1, Q, H/4, W/4], arrays or tensors) → instances
+    at ``orig_size``; ``image_size`` is the (h, w) returned by :func:`fit_to_input`."""
+    logits = torch.as_tensor(np.asarray(pred_logits))
+    masks = torch.as_tensor(np.asarray(pred_masks))
+    return instances_from_outputs(logits, masks, [tuple(image_size)], [tuple(orig_size)], top_k)[0]
