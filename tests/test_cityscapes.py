@@ -211,3 +211,25 @@ def test_colour_png_is_rejected(tree, tmp_path):
     Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(gt)
     with pytest.raises(GdistillError, match="has mode RGB, expected single-channel"):
         convert_cityscapes(root, "train", tmp_path / "o.json", progress=False)
+
+
+def _has_cli_command() -> bool:
+    from gdistill.cli import COMMANDS
+
+    return "convert-cityscapes" in COMMANDS
+
+
+@pytest.mark.skipif(not _has_cli_command(), reason="`gdistill convert-cityscapes` not wired in cli.py yet")
+def test_cli_command(tree, tmp_path, capsys):
+    from gdistill.cli import main
+
+    root, _ = tree
+    out = tmp_path / "cs" / "val.json"
+    assert main(["convert-cityscapes", "--root", str(root), "--split", "train", "--out", str(out),
+                 "--quiet"]) == 0
+    assert out.read_bytes() == convert_cityscapes(root, "train", tmp_path / "direct.json",
+                                                  progress=False).read_bytes()
+    assert main(["convert-cityscapes", "--root", str(root), "--split", "val2", "--out", str(out),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "split 'val2'" in err

@@ -6,8 +6,8 @@ import sys
 
 import torch
 
-from gdistill.data.splits import split_labelled, write_split
 from gdistill.data.coco import load_coco
+from gdistill.data.splits import split_labelled, write_split
 from gdistill.data.synthetic import generate_synthetic
 from gdistill.engine.checkpoint import load_checkpoint
 

@@ -13,7 +13,8 @@ from gdistill.errors import GdistillError
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
-        help="YAML file of config overrides, or a packaged preset: demo, coco_r50, cityscapes_r50, coco_dinov2_l, coco_swin_l",
+        help="YAML file of config overrides, or a packaged preset "
+        "(demo, coco_r50, cityscapes_r50, coco_dinov2_l, coco_swin_l)",
     )
     p.add_argument(
         "--backbone-weights",
@@ -52,6 +53,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="unlabelled pool without the labelled images (default: all images)",
     )
     p.add_argument("--out", required=True, type=Path)
+
+    p = sub.add_parser("convert-cityscapes", help="Cityscapes fine instance labels to COCO JSON")
+    p.add_argument("--root", required=True, type=Path, help="folder holding gtFine/ and leftImg8bit/")
+    p.add_argument("--split", default="train", help="split folder under gtFine/ (default train)")
+    p.add_argument("--out", required=True, type=Path, help="COCO JSON to write")
+    p.add_argument("--min-area", type=int, default=0, help="skip smaller instances (pixels; default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser(
+        "demo",
+        help="the embedded demo: teacher, then supervised vs standard vs guided burn-in",
+        description="Generates the synthetic dataset, labels 10 %% of it, trains a teacher, then "
+        "compares supervised-only training, distillation with standard burn-in and with guided "
+        "burn-in on the same budget. Quick tier by default; --full for several seeds.",
+    )
+    p.add_argument("--out", type=Path, default=Path("demo_out"))
+    p.add_argument("--full", action="store_true", help="several seeds and a longer budget")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the tier's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("train", help="stage A: train the teacher on labelled images")
     p.add_argument("--labelled", required=True, type=Path, help="labelled COCO JSON")
@@ -109,9 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", type=Path, help="validation COCO JSON (default: the run's)")
     p.add_argument("--images", type=Path, help="image root of --val")
     p.add_argument("--num-images", type=int, default=8, help="validation images in predictions.png")
-    p.add_argument(
-        "--unlabelled", type=Path, help="COCO JSON or image folder: also draw pseudo-labels on it"
-    )
+    p.add_argument("--unlabelled", type=Path, help="COCO JSON or image folder: also draw pseudo-labels on it")
     p.add_argument("--unlabelled-images", type=Path, help="image root of an --unlabelled JSON")
     p.add_argument("--device", default="auto")
 
@@ -156,6 +174,26 @@ def cmd_split(args: argparse.Namespace) -> None:
         f"{len(labelled['images'])} labelled images → {lab_path}; "
         f"{len(unlabelled['images'])} unlabelled images → {unl_path}"
     )
+
+
+def cmd_convert_cityscapes(args: argparse.Namespace) -> None:
+    from gdistill.data.cityscapes import convert_cityscapes
+
+    if args.min_area < 0:
+        raise GdistillError(f"--min-area must be >= 0, got {args.min_area}")
+    out = convert_cityscapes(args.root, args.split, args.out, min_area=args.min_area, progress=not args.quiet)
+    raw = json.loads(out.read_text())
+    print(
+        f"{len(raw['images'])} images, {len(raw['annotations'])} instances → {out} "
+        f"(use --images {args.root / 'leftImg8bit'})"
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from gdistill.demo import run_demo
+
+    run_demo(args.out, full=args.full, seeds=args.seeds, overrides=args.overrides, progress=not args.quiet)
+    print(f"results in {args.out / 'demo_results.json'}, curves in {args.out / 'demo_curves.png'}")
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -225,11 +263,11 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from gdistill.data.coco import load_coco
-    from gdistill.evaluation.coco_eval import evaluate_masks, format_metrics_table, load_results
+    from gdistill.evaluation.coco_eval import evaluate_results_file, format_metrics_table
 
     dataset = load_coco(args.annotations, require_annotations=True)
     if args.predictions:
-        metrics = evaluate_masks(dataset.raw, load_results(args.predictions), per_class=True)
+        metrics = evaluate_results_file(args.annotations, args.predictions, per_class=True)
         what = str(args.predictions)
     else:
         from gdistill.inference import evaluate_checkpoint
@@ -291,9 +329,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from gdistill.export import export_model
 
-    path = export_model(
-        args.weights, args.out, args.format, args.model, args.height, args.width, args.opset
-    )
+    path = export_model(args.weights, args.out, args.format, args.model, args.height, args.width, args.opset)
     print(
         f"wrote {path} ({args.format}): images float32 [B, 3, {args.height}, {args.width}] in [0, 1] "
         f"→ pred_logits [B, Q, K+1], pred_masks [B, Q, {args.height // 4}, {args.width // 4}] "
@@ -304,6 +340,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 COMMANDS = {
     "synth": cmd_synth,
     "split": cmd_split,
+    "convert-cityscapes": cmd_convert_cityscapes,
+    "demo": cmd_demo,
     "train": cmd_train,
     "distill": cmd_distill,
     "eval": cmd_eval,
@@ -313,19 +351,30 @@ COMMANDS = {
 }
 
 
+def one_line(exc: GdistillError) -> str:
+    """The message of a GdistillError, also when torch re-raised it from a DataLoader worker
+    (its message then holds the worker's whole traceback; the last line is ours)."""
+    text = str(exc).strip()
+    if "\n" not in text:
+        return text
+    last = text.splitlines()[-1].strip()
+    prefix = f"{GdistillError.__module__}.{GdistillError.__name__}: "
+    return last[len(prefix) :] if last.startswith(prefix) else last
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Config overrides (key=value) may stand anywhere after the command.
     args, rest = parser.parse_known_args(argv)
     overrides = [a for a in rest if "=" in a and not a.startswith("-")]
     unknown = [a for a in rest if a not in overrides]
-    if unknown or (overrides and args.command not in ("train", "distill")):
+    if unknown or (overrides and args.command not in ("train", "distill", "demo")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     args.overrides = overrides
     try:
         COMMANDS[args.command](args)
     except GdistillError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -104,6 +104,7 @@ class DistillConfig:
     score_threshold: float = 0.7  # max softmax over K+1 classes must exceed this
     min_mask_area: float = 5.0  # soft area (sum of sigmoid) at mask resolution must exceed this
     mask_threshold: float = 0.5  # pseudo-mask = sigmoid(logit) > mask_threshold
+    duplicate_iou: float = 0.0  # > 0: drop pseudo-labels overlapping a better one (GD: off)
     student_init: str = "pretrained"  # pretrained (fresh heads) | teacher
     diagnostic_thresholds: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -115,7 +116,7 @@ class Config:
     eval_period: int = 5000
     checkpoint_period: int = 5000
     log_period: int = 20
-    picture_period: int = 0  # 0: pictures only at evaluations
+    picture_period: int = 0  # > 0: a pseudo-label picture every N stage-B steps
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

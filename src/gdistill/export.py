@@ -17,6 +17,7 @@ Normalisation (ImageNet mean / std) is inside the graph. Instance post-processin
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from pathlib import Path
 
@@ -84,6 +85,8 @@ def export_model(
         raise GdistillError(f"export size must be positive multiples of 32, got {height}x{width}")
     if fmt == "onnx" and opset < 16:
         raise GdistillError(f"ONNX opset must be at least 16 (GridSample), got {opset}")
+    if fmt == "onnx" and importlib.util.find_spec("onnx") is None:
+        raise GdistillError("ONNX export needs the onnx package (pip install onnx)")
     predictor = load_model(weights, model, device="cpu")
     module = RawOutputs(predictor.model).eval()
     example = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
@@ -122,7 +125,11 @@ def fit_to_input(image, height: int, width: int) -> tuple[Tensor, tuple[int, int
 
 
 def outputs_to_instances(
-    pred_logits, pred_masks, image_size: tuple[int, int], orig_size: tuple[int, int], top_k: int = 100
+    pred_logits,
+    pred_masks,
+    image_size: tuple[int, int],
+    orig_size: tuple[int, int],
+    top_k: int = 100,
 ) -> Instances:
     """Raw outputs of one image ([1, Q, K+1], [1, Q, H/4, W/4], arrays or tensors) → instances
     at ``orig_size``; ``image_size`` is the (h, w) returned by :func:`fit_to_input`."""

@@ -48,7 +48,7 @@ class Predictor:
         if isinstance(image, (str, Path)):
             array = read_image(Path(image))
         elif isinstance(image, Image.Image):
-            array = np.asarray(image.convert("RGB"))
+            array = np.array(image.convert("RGB"))
         elif isinstance(image, np.ndarray):
             if image.ndim == 2:
                 image = np.repeat(image[:, :, None], 3, axis=2)

@@ -74,11 +74,15 @@ def predict_to_folder(
 
     results: list[dict] = []
     images_info: list[dict] = []
-    bar = tqdm(total=len(inputs), desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(inputs), desc="predict", unit="img", disable=not progress, dynamic_ncols=True
+    )
     for start in range(0, len(inputs), batch_size):
         chunk = inputs[start : start + batch_size]
         arrays = [read_image(item.path) for item in chunk]
-        instances = predictor.predict(arrays, score_threshold=score_threshold, batch_size=batch_size)
+        instances = predictor.predict(
+            arrays, score_threshold=score_threshold, batch_size=batch_size
+        )
         for j, (item, array, inst) in enumerate(zip(chunk, arrays, instances, strict=True)):
             image_id = start + j + 1
             found = instances_to_coco_results(
@@ -86,7 +90,12 @@ def predict_to_folder(
             )
             results.extend(dict(r, file_name=item.key) for r in found)
             images_info.append(
-                {"id": image_id, "file_name": item.key, "height": array.shape[0], "width": array.shape[1]}
+                {
+                    "id": image_id,
+                    "file_name": item.key,
+                    "height": array.shape[0],
+                    "width": array.shape[1],
+                }
             )
             picture = overlay_instances(
                 array, inst.masks, inst.labels, inst.scores, predictor.class_names, score_threshold

@@ -6,7 +6,7 @@ Reads what the trainer writes (``run.json``, ``config.yaml``, ``metrics.csv``, `
 - the training curves of :func:`gdistill.viz.plot_training_curves`;
 - ``predictions.png``: ground truth | prediction of ``best.pt`` on the first validation images
   (when a validation set and its image folder are known);
-- ``pseudo_labels.png``: weak view | strong view | pseudo-labels of the run's teacher (stage B)
+- ``pseudo_label_views.png``: weak view | strong view | pseudo-labels of the run's teacher (stage B)
   or of its model (stage A, the future teacher) on unlabelled images, when asked for;
 - ``summary.md`` linking them.
 """
@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
-from gdistill.config import Config, load_config
+from gdistill.config import Config, config_from_dict, load_config
+from gdistill.engine.checkpoint import load_checkpoint
+from gdistill.engine.evaluate import validation_picture
 from gdistill.errors import GdistillError
 from gdistill.viz import (
     plot_training_curves,
     read_csv_columns,
-    save_prediction_grid,
     save_pseudo_label_grid,
     to_floats,
 )
@@ -46,6 +47,17 @@ def _read_run_info(run_dir: Path) -> dict:
     return info if isinstance(info, dict) else {}
 
 
+def _recorded_path(value, run_dir: Path) -> Path | None:
+    """A path from run.json. A relative one was relative to where training ran, usually the
+    run folder's parent; as is when it exists here, else tried there."""
+    if not value:
+        return None
+    path = Path(value)
+    if path.is_absolute() or path.exists() or not (run_dir.parent / path).exists():
+        return path
+    return run_dir.parent / path
+
+
 def _checkpoint(run_dir: Path) -> Path | None:
     for name in ("best.pt", "last.pt"):
         if (run_dir / name).is_file():
@@ -55,6 +67,8 @@ def _checkpoint(run_dir: Path) -> Path | None:
 
 def _last_finite(columns: dict[str, list[str]], key: str) -> tuple[float, int] | None:
     """(value, step) of the last row where ``key`` is a number."""
+    if key not in columns:
+        return None
     values, steps = to_floats(columns.get(key, [])), to_floats(columns.get("step", []))
     for v, s in zip(values[::-1], steps[::-1], strict=True):
         if math.isfinite(v):
@@ -63,6 +77,8 @@ def _last_finite(columns: dict[str, list[str]], key: str) -> tuple[float, int] |
 
 
 def _best(columns: dict[str, list[str]], key: str) -> tuple[float, int] | None:
+    if key not in columns:
+        return None
     values, steps = to_floats(columns.get(key, [])), to_floats(columns.get("step", []))
     finite = [(v, s) for v, s in zip(values, steps, strict=True) if math.isfinite(v)]
     if not finite:
@@ -74,21 +90,29 @@ def _best(columns: dict[str, list[str]], key: str) -> tuple[float, int] | None:
 def prediction_picture(
     weights: Path, val_json: Path, images_dir: Path, out: Path, device: str, count: int = 8
 ) -> Path:
-    """Ground truth | predictions of ``weights`` on the first ``count`` images of a COCO file."""
-    from gdistill.data.coco import load_coco, load_targets, read_image
+    """Ground truth | predictions of a checkpoint's student on the first ``count`` images of a
+    COCO file."""
+    from gdistill.data.coco import load_coco
     from gdistill.inference import load_model
 
     dataset = load_coco(val_json)
     predictor = load_model(weights, "student", device)
     if predictor.class_names != dataset.class_names:
         raise GdistillError(
-            f"{val_json}: classes {dataset.class_names} differ from {weights}'s {predictor.class_names}"
+            f"{val_json}: classes {dataset.class_names} differ from the checkpoint's "
+            f"{predictor.class_names} ({weights})"
         )
-    chosen = dataset.images[:count]
-    arrays = [read_image(Path(images_dir) / im.file_name, (im.height, im.width)) for im in chosen]
-    gt = [load_targets(im, dataset) for im in chosen]
-    predictions = predictor.predict(arrays, score_threshold=0.0)
-    return save_prediction_grid(out, arrays, gt, predictions, predictor.class_names, 0.5)
+    data = predictor.cfg.data
+    return validation_picture(
+        predictor.model,
+        dataset,
+        images_dir,
+        out,
+        predictor.device,
+        data.test_short_side,
+        data.test_max_side,
+        count,
+    )
 
 
 @torch.no_grad()
@@ -113,7 +137,9 @@ def pseudo_label_picture(
     predictor = load_model(weights, "teacher" if stage == "distill" else "student", device)
     cfg = predictor.cfg
     items = open_unlabelled(unlabelled, unlabelled_images)[:count]
-    dataset = UnlabelledDataset(items, UnlabelledAugment(cfg.data.image_size, cfg.data.scale_range), cfg.seed)
+    dataset = UnlabelledDataset(
+        items, UnlabelledAugment(cfg.data.image_size, cfg.data.scale_range), cfg.seed
+    )
     batch = collate_unlabelled([dataset[i] for i in range(len(items))])
     outputs = predictor.model(images_to_model_input(batch["weak"].to(predictor.device)))
     d = cfg.distill
@@ -126,7 +152,9 @@ def pseudo_label_picture(
         batch["valid"].to(predictor.device),
     )
     targets = [{k: v.cpu() for k, v in t.items()} for t in targets]
-    return save_pseudo_label_grid(out, batch["weak"], batch["strong"], targets, predictor.class_names)
+    return save_pseudo_label_grid(
+        out, batch["weak"], batch["strong"], targets, predictor.class_names
+    )
 
 
 def _summary(
@@ -150,7 +178,10 @@ def _summary(
     if last_step is not None or cfg is not None:
         done = f"{int(last_step[0])}" if last_step else "?"
         rows.append(("iterations", done + (f" of {cfg.solver.max_iters}" if cfg else "")))
-    for key, label in (("labelled_images", "labelled images"), ("unlabelled_images", "unlabelled images")):
+    for key, label in (
+        ("labelled_images", "labelled images"),
+        ("unlabelled_images", "unlabelled images"),
+    ):
         if info.get(key):
             rows.append((label, str(info[key])))
     if info.get("teacher_checkpoint"):
@@ -216,22 +247,26 @@ def write_report(
     pictures = plot_training_curves(run_dir, out)
     notes: list[str] = []
     weights = _checkpoint(run_dir)
+    if cfg is None and weights is not None:
+        cfg = config_from_dict(load_checkpoint(weights)["config"], str(weights))
 
-    val = val or info.get("val")
-    images = images or info.get("val_images")
+    val = val or _recorded_path(info.get("val"), run_dir)
+    images = images or _recorded_path(info.get("val_images"), run_dir)
     if val and not images:
         notes.append(f"no prediction picture: pass --images (the image folder of {val})")
     elif val and weights is None:
         notes.append(f"no prediction picture: {run_dir} has no best.pt or last.pt")
     elif val:
         pictures.append(
-            prediction_picture(weights, Path(val), Path(images), out / "predictions.png", device, num_images)
+            prediction_picture(
+                weights, Path(val), Path(images), out / "predictions.png", device, num_images
+            )
         )
     if unlabelled:
         if weights is None:
             notes.append(f"no pseudo-label picture: {run_dir} has no best.pt or last.pt")
         else:
-            stage = info.get("stage") or _stage_of(weights)
+            stage = info.get("stage") or load_checkpoint(weights).get("stage", "teacher")
             pictures.append(
                 pseudo_label_picture(
                     weights,
@@ -245,9 +280,3 @@ def write_report(
     summary = out / "summary.md"
     summary.write_text(_summary(run_dir, out, info, cfg, pictures, notes))
     return {"summary": summary, "pictures": pictures, "notes": notes}
-
-
-def _stage_of(weights: Path) -> str:
-    from gdistill.engine.checkpoint import load_checkpoint
-
-    return load_checkpoint(weights).get("stage", "teacher")

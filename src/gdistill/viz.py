@@ -82,13 +82,7 @@ def _erode(mask: np.ndarray, steps: int) -> np.ndarray:
     out = mask
     for _ in range(steps):
         padded = np.pad(out, 1, constant_values=False)
-        out = (
-            out
-            & padded[:-2, 1:-1]
-            & padded[2:, 1:-1]
-            & padded[1:-1, :-2]
-            & padded[1:-1, 2:]
-        )
+        out = out & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
     return out
 
 
@@ -230,14 +224,18 @@ def save_prediction_grid(
         predictions: per image an ``Instances`` (scores, labels, masks bool [M, H, W]).
     """
     if not len(images) == len(gt) == len(predictions):
-        raise ValueError(f"got {len(images)} images, {len(gt)} ground truths, {len(predictions)} predictions")
+        raise ValueError(
+            f"got {len(images)} images, {len(gt)} ground truths, {len(predictions)} predictions"
+        )
     rows = []
     for image, (gt_labels, gt_masks), pred in zip(images, gt, predictions, strict=True):
         picture = _as_hwc(image)
         small, masks = _fit(picture, gt_masks, cell)
         left = overlay_instances(small, masks, gt_labels, None, class_names)
         small, masks = _fit(picture, pred.masks, cell)
-        right = overlay_instances(small, masks, pred.labels, pred.scores, class_names, score_threshold)
+        right = overlay_instances(
+            small, masks, pred.labels, pred.scores, class_names, score_threshold
+        )
         rows.append([left, right])
     titles = ["ground truth", f"prediction (score >= {score_threshold:g})"]
     return _save_grid(path, rows, titles)
@@ -332,13 +330,20 @@ def _plot_losses(metrics: dict[str, list[str]], path: Path) -> Path | None:
     steps = to_floats(metrics.get("step", []))
     fig, (ax,) = _new_figure()
     drawn, positive = 0, True
-    for key, label in (("loss", "total"), ("loss_sup", "supervised"), ("loss_unsup", "unsupervised")):
+    unsup = to_floats(metrics.get("loss_unsup", []))
+    # Without an unsupervised loss (stage A) the supervised loss is the total: draw it once.
+    if np.any(unsup[np.isfinite(unsup)]):
+        keys = ["loss", "loss_sup", "loss_unsup"]
+    else:
+        keys = ["loss"] if "loss" in metrics else ["loss_sup"]
+    labels = {"loss": "total", "loss_sup": "supervised", "loss_unsup": "unsupervised"}
+    for key in keys:
         if key not in metrics:
             continue
         x, y = _finite(steps, to_floats(metrics[key]))
-        if not len(y) or not np.any(y):  # absent, or all zero (stage A's unsupervised loss)
+        if not len(y):
             continue
-        ax.plot(x, y, label=label, lw=1.2)
+        ax.plot(x, y, label=labels[key], lw=1.2)
         positive &= bool(np.all(y > 0))
         drawn += 1
     if not drawn:
@@ -353,8 +358,15 @@ def _plot_losses(metrics: dict[str, list[str]], path: Path) -> Path | None:
             if (i == 0 or phases[i] != phases[i - 1]) and math.isfinite(steps[i]):
                 if i > 0:
                     ax.axvline(steps[i], color="gray", ls=":", lw=1)
-                ax.annotate(phases[i], (steps[i], 1.0), xycoords=("data", "axes fraction"),
-                            xytext=(3, -12), textcoords="offset points", fontsize=8, color="gray")
+                ax.annotate(
+                    phases[i],
+                    (steps[i], 1.0),
+                    xycoords=("data", "axes fraction"),
+                    xytext=(3, -12),
+                    textcoords="offset points",
+                    fontsize=8,
+                    color="gray",
+                )
     ax.set_ylabel("loss")
     ax.set_title("training losses (averaged over each log window)")
     ax.legend()
@@ -377,8 +389,15 @@ def _plot_ap(evals: dict[str, list[str]], path: Path) -> Path | None:
             drawn += 1
             if stat == "AP":
                 best = int(np.argmax(y))
-                ax.annotate(f"{y[best]:.1f}", (x[best], y[best]), xytext=(0, 6),
-                            textcoords="offset points", ha="center", fontsize=8, color=color)
+                ax.annotate(
+                    f"{y[best]:.1f}",
+                    (x[best], y[best]),
+                    xytext=(0, 6),
+                    textcoords="offset points",
+                    ha="center",
+                    fontsize=8,
+                    color=color,
+                )
     if not drawn:
         return None
     ax.set_ylabel("mask AP (%)")
@@ -428,7 +447,14 @@ def _plot_pseudo_label_quality(evals: dict[str, list[str]], path: Path) -> Path 
             x, y = _finite(steps, to_floats(evals[keys[t]]))
             if not len(y):
                 continue
-            ax.plot(x, y, marker="o", ms=3, color=cmap(j / max(1, len(keys) - 1)), label=f"score > {t:g}")
+            ax.plot(
+                x,
+                y,
+                marker="o",
+                ms=3,
+                color=cmap(j / max(1, len(keys) - 1)),
+                label=f"score > {t:g}",
+            )
             drawn += 1
         ax.set_ylim(-0.02, 1.02)
         ax.set_ylabel(what)

@@ -354,3 +354,16 @@ def read_image(path: Path, expected_size: tuple[int, int] | None = None) -> np.n
             f"{expected_size[0]}x{expected_size[1]}"
         )
     return array
+
+
+def check_image_files(dataset: CocoDataset, images_dir: Path) -> None:
+    """Fail before training, not hours into it, when images of ``dataset`` are missing."""
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise GdistillError(f"{images_dir}: image folder not found (for {dataset.path})")
+    missing = [img.file_name for img in dataset.images if not (images_dir / img.file_name).is_file()]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise GdistillError(
+            f"{dataset.path}: image file {images_dir / missing[0]} not found{more}"
+        )

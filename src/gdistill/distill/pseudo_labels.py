@@ -17,6 +17,7 @@ def pseudo_labels_from_teacher(
     min_mask_area: float = 5.0,
     mask_threshold: float = 0.5,
     valid: Tensor | None = None,
+    duplicate_iou: float = 0.0,
 ) -> tuple[list[dict[str, Tensor]], dict[str, float]]:
     """Filter the teacher's final predictions into targets (GuidedDistillation's filter).
 
@@ -26,8 +27,11 @@ def pseudo_labels_from_teacher(
 
     A query is kept when its argmax is not no-object, its max softmax probability over all K+1
     classes exceeds ``score_threshold`` and its soft area (sum of sigmoid over the mask) exceeds
-    ``min_mask_area``. Returns per image ``{"labels": int64 [N], "masks": bool [N, h, w],
-    "scores": [N]}`` and step statistics (kept, candidates, mean score, images with none).
+    ``min_mask_area``. With ``duplicate_iou`` > 0, a pseudo-label whose mask overlaps a
+    higher-scoring one (of any class) with IoU above it is dropped (GuidedDistillation keeps
+    duplicates; each would be matched to its own student query). Returns per image
+    ``{"labels": int64 [N], "masks": bool [N, h, w], "scores": [N]}`` and step statistics (kept,
+    candidates, mean score, images with none).
     """
     num_classes = pred_logits.shape[-1] - 1
     probs = pred_logits.float().softmax(-1)
@@ -43,22 +47,32 @@ def pseudo_labels_from_teacher(
     targets = []
     for i in range(pred_logits.shape[0]):
         idx = keep[i].nonzero(as_tuple=True)[0]
-        targets.append(
-            {
-                "labels": labels[i, idx],
-                "masks": mask_probs[i, idx] > mask_threshold,
-                "scores": scores[i, idx],
-            }
-        )
-    kept = int(keep.sum())
+        masks = mask_probs[i, idx] > mask_threshold
+        if duplicate_iou > 0 and len(idx) > 1:
+            unique = suppress_duplicates(masks, scores[i, idx], duplicate_iou)
+            idx, masks = idx[unique], masks[unique]
+        targets.append({"labels": labels[i, idx], "masks": masks, "scores": scores[i, idx]})
+    kept = sum(len(t["labels"]) for t in targets)
     stats = {
         "pl_kept": float(kept),
         "pl_candidates": float(candidates.sum()),
-        "pl_mean_score": float(scores[keep].mean()) if kept else 0.0,
+        "pl_mean_score": float(torch.cat([t["scores"] for t in targets]).mean()) if kept else 0.0,
         "pl_images_without": float(sum(1 for t in targets if len(t["labels"]) == 0)),
         "pl_per_image": kept / max(1, pred_logits.shape[0]),
     }
     return targets, stats
+
+
+def suppress_duplicates(masks: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy mask NMS: indices (in descending score order) of the masks that overlap no
+    higher-scoring kept mask with IoU > ``iou_threshold``. masks bool [N, H, W], scores [N]."""
+    order = scores.argsort(descending=True)
+    ious = mask_iou(masks[order], masks[order])
+    kept: list[int] = []
+    for j in range(len(order)):
+        if not kept or bool((ious[j, kept] <= iou_threshold).all()):
+            kept.append(j)
+    return order[kept]
 
 
 def class_histogram(targets: Sequence[dict[str, Tensor]], num_classes: int) -> list[int]:

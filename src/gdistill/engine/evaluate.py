@@ -4,17 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from gdistill.data.coco import CocoDataset, load_targets
-from gdistill.distill.pseudo_labels import PseudoLabelQuality
+from gdistill.data.augment import resize_for_eval
+from gdistill.data.coco import CocoDataset, load_targets, read_image
+from gdistill.data.loader import collate_eval
+from gdistill.distill.pseudo_labels import PseudoLabelQuality, suppress_duplicates
 from gdistill.engine.distributed import all_gather_objects, broadcast_object, rank
 from gdistill.evaluation.coco_eval import evaluate_masks, instances_to_coco_results
 from gdistill.model.mask2former import Instances, images_to_model_input, instances_from_outputs
+from gdistill.viz import CELL_SIZE, save_prediction_grid
 
 
 def autocast_for(device: torch.device, amp: str):
@@ -62,6 +66,7 @@ def _pseudo_label_candidates(
     min_score: float,
     min_mask_area: float,
     mask_threshold: float,
+    duplicate_iou: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The pseudo-label filter of one image at the lowest threshold, with masks brought to the
     original image size: (labels [N], masks bool [N, H, W], scores [N])."""
@@ -80,7 +85,11 @@ def _pseudo_label_candidates(
     up = F.interpolate(logits[idx][None], size=padded, mode="bilinear", align_corners=False)
     up = up[:, :, : image_size[0], : image_size[1]]
     up = F.interpolate(up, size=tuple(orig_size), mode="bilinear", align_corners=False)[0]
-    return labels[idx], up.sigmoid() > mask_threshold, scores[idx]
+    masks = up.sigmoid() > mask_threshold
+    if duplicate_iou > 0 and len(idx) > 1:
+        unique = suppress_duplicates(masks, scores[idx], duplicate_iou)
+        return labels[idx][unique], masks[unique], scores[idx][unique]
+    return labels[idx], masks, scores[idx]
 
 
 def evaluate_model(
@@ -93,6 +102,7 @@ def evaluate_model(
     pseudo_label_thresholds: tuple[float, ...] = (),
     min_mask_area: float = 5.0,
     mask_threshold: float = 0.5,
+    duplicate_iou: float = 0.0,
     per_class: bool = False,
     progress: bool = False,
     desc: str = "eval",
@@ -121,6 +131,7 @@ def evaluate_model(
                     min(pseudo_label_thresholds),
                     min_mask_area,
                     mask_threshold,
+                    duplicate_iou,
                 )
                 gt_labels, gt_masks = load_targets(images_by_id[image_id], dataset)
                 quality.update(
@@ -144,3 +155,42 @@ def evaluate_model(
         if quality is not None:
             metrics.update(quality.summary())
     return broadcast_object(metrics), results
+
+
+def validation_picture(
+    model: torch.nn.Module,
+    dataset: CocoDataset,
+    images_dir: str | Path,
+    out: str | Path,
+    device: torch.device | str,
+    short_side: int,
+    max_side: int,
+    count: int = 8,
+    score_threshold: float = 0.5,
+    cell: int = CELL_SIZE,
+) -> Path:
+    """Ground truth | predictions of an in-memory model on the first ``count`` images of a COCO
+    dataset (test-time resize ``short_side`` / ``max_side``). The model's train/eval mode is
+    restored afterwards, so a training loop can call this at each evaluation."""
+    chosen = dataset.images[:count]
+    arrays = [read_image(Path(images_dir) / im.file_name, (im.height, im.width)) for im in chosen]
+    samples = [
+        {
+            "image": resize_for_eval(torch.from_numpy(a).permute(2, 0, 1), short_side, max_side),
+            "orig_size": a.shape[:2],
+            "image_id": im.id,
+            "key": im.file_name,
+        }
+        for a, im in zip(arrays, chosen, strict=True)
+    ]
+    loader = [collate_eval(samples[i : i + 4]) for i in range(0, len(samples), 4)]
+    predictions = [
+        inst
+        for _, _, batch in predict_batches(model, loader, torch.device(device))
+        for inst in batch
+    ]
+    predictions = [Instances(p.scores.cpu(), p.labels.cpu(), p.masks.cpu()) for p in predictions]
+    gt = [load_targets(im, dataset) for im in chosen]
+    return save_prediction_grid(
+        out, arrays, gt, predictions, dataset.class_names, score_threshold, cell
+    )

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from gdistill.config import Config, config_from_dict, config_to_dict
 from gdistill.data.augment import LabelledAugment, UnlabelledAugment
-from gdistill.data.coco import CocoDataset
+from gdistill.data.coco import CocoDataset, check_image_files
 from gdistill.data.loader import (
     EvalDataset,
     InfiniteSampler,
@@ -50,13 +50,14 @@ from gdistill.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from gdistill.engine.evaluate import autocast_for, evaluate_model
+from gdistill.engine.evaluate import autocast_for, evaluate_model, validation_picture
 from gdistill.engine.optim import build_optimizer, build_scheduler
 from gdistill.engine.run_info import write_run_info
 from gdistill.errors import GdistillError
 from gdistill.model.criterion import SetCriterion
 from gdistill.model.mask2former import Mask2Former, build_model, images_to_model_input
 from gdistill.model.matcher import HungarianMatcher
+from gdistill.viz import plot_training_curves, save_pseudo_label_grid
 
 MAX_NONFINITE_IN_A_ROW = 5
 
@@ -197,6 +198,9 @@ def train(
         state = None
         stage = "distill" if teacher_checkpoint else "teacher"
     is_distill = stage == "distill"
+    check_image_files(data.labelled, data.images_dir)
+    if data.val is not None:
+        check_image_files(data.val, data.val_images_dir)
 
     device = distributed.init_distributed(cfg.device) or resolve_device(cfg.device)
     rank, world = distributed.rank(), distributed.world_size()
@@ -283,10 +287,12 @@ def train(
                 "stage": stage,
                 "teacher_checkpoint": str(teacher_checkpoint) if teacher_checkpoint else None,
                 "init_weights": str(init_weights) if init_weights else None,
-                "labelled": str(data.labelled.path),
+                "labelled": str(Path(data.labelled.path).resolve()),
+                "images": str(Path(data.images_dir).resolve()),
                 "labelled_images": len(data.labelled.images),
                 "unlabelled_images": len(data.unlabelled or []),
-                "val": str(data.val.path) if data.val else None,
+                "val": str(Path(data.val.path).resolve()) if data.val else None,
+                "val_images": str(Path(data.val_images_dir).resolve()) if data.val else None,
                 "classes": class_names,
                 "world_size": world,
             },
@@ -372,6 +378,7 @@ def train(
             pseudo_label_thresholds=() if teacher is not None else diagnostic_thresholds,
             min_mask_area=cfg.distill.min_mask_area,
             mask_threshold=cfg.distill.mask_threshold,
+            duplicate_iou=cfg.distill.duplicate_iou,
             desc="eval student",
             progress=progress,
         )
@@ -387,12 +394,22 @@ def train(
                 pseudo_label_thresholds=diagnostic_thresholds,
                 min_mask_area=cfg.distill.min_mask_area,
                 mask_threshold=cfg.distill.mask_threshold,
+                duplicate_iou=cfg.distill.duplicate_iou,
                 desc="eval teacher",
                 progress=progress,
             )
             row.update({f"teacher_{k}": v for k, v in metrics_t.items() if not isinstance(v, dict)})
         if main_process:
             eval_log.write(row)
+            validation_picture(
+                student,
+                data.val,
+                data.val_images_dir,
+                out_dir / "pictures" / f"val_{step:07d}.png",
+                device,
+                dcfg.test_short_side,
+                dcfg.test_max_side,
+            )
         return row
 
     def checkpoint_payload(step: int, with_optimizer: bool) -> dict:
@@ -455,6 +472,7 @@ def train(
                     dist.min_mask_area,
                     dist.mask_threshold,
                     ubatch["valid"].to(device),
+                    dist.duplicate_iou,
                 )
             for t in unsup_targets:
                 t.pop("scores")
@@ -546,6 +564,19 @@ def train(
                     postfix["pl_prec"] = f"{last_eval[precision_key]:.2f}"
             bar.set_postfix(postfix)
             window, window_steps, t_window = {}, 0, time.perf_counter()
+        if (
+            main_process
+            and unsup_targets is not None
+            and cfg.picture_period > 0
+            and done % cfg.picture_period == 0
+        ):
+            save_pseudo_label_grid(
+                out_dir / "pictures" / f"pseudo_{done:07d}.png",
+                ubatch["weak"],
+                ubatch["strong"],
+                [{k: v.cpu() for k, v in t.items()} for t in unsup_targets],
+                class_names,
+            )
         bar.update(1)
 
         # ---- evaluation, checkpoints
@@ -562,6 +593,8 @@ def train(
             if main_process:
                 rotate_and_save(payload, out_dir)
     bar.close()
+    if main_process:
+        plot_training_curves(out_dir)
     if main_process and val_loader is None and not (out_dir / "best.pt").exists():
         save_checkpoint(checkpoint_payload(max_iters, with_optimizer=False), out_dir / "best.pt")
     result = {"best_AP": best_ap, **last_eval}

@@ -1,0 +1,472 @@
+"""Bad input through the command line: exit status 2 and ONE stderr line naming file and problem."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from gdistill.cli import main
+from gdistill.data.synthetic import generate_synthetic
+
+TINY = [
+    "data.image_size=64",
+    "data.test_short_side=64",
+    "data.test_max_side=64",
+    "data.batch_size=2",
+    "data.unlabelled_batch_size=2",
+    "model.hidden_dim=32",
+    "model.mask_dim=32",
+    "model.num_queries=8",
+    "model.dec_layers=2",
+    "model.dim_feedforward=64",
+    "model.enc_dim_feedforward=64",
+    "loss.num_points=128",
+    "threads=1",
+    "log_period=1",
+    "solver.warmup_iters=0",
+    "solver.max_iters=1",
+    "eval_period=0",
+    "checkpoint_period=0",
+]
+# The first (only) iteration reads all 4 training images.
+ALL_IN_ONE_BATCH = ["data.batch_size=4"]
+
+WORKERS = [0, 1]
+
+
+def _dataset(root: Path) -> tuple[Path, Path, Path]:
+    train_json, val_json = generate_synthetic(root, 4, 2, image_size=64, progress=False)
+    return train_json, val_json, root / "images"
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """Valid data shared by tests that do not modify it: (train.json, val.json, images dir)."""
+    return _dataset(tmp_path_factory.mktemp("synth"))
+
+
+@pytest.fixture(scope="module")
+def teacher(synth, tmp_path_factory):
+    """A real stage-A checkpoint made through the CLI."""
+    train_json, _, images = synth
+    out = tmp_path_factory.mktemp("teacher")
+    argv = [
+        "train",
+        "--labelled",
+        train_json,
+        "--images",
+        images,
+        "--out",
+        out,
+        "--config",
+        "demo",
+        "--quiet",
+        *TINY,
+    ]
+    assert main([str(a) for a in argv]) == 0
+    return out / "last.pt"
+
+
+def fails(capsys, argv: list, *fragments: str) -> str:
+    """Run the CLI; assert status 2 and one stderr line 'error: ...' holding every fragment."""
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("error: "), err
+    assert err.count("\n") == 1 and err.endswith("\n"), f"not one line:\n{err}"
+    for fragment in fragments:
+        assert str(fragment) in err, f"{fragment!r} not in {err!r}"
+    return err
+
+
+def _image_paths(json_path: Path, images: Path) -> list[Path]:
+    return [images / im["file_name"] for im in json.loads(json_path.read_text())["images"]]
+
+
+def _train_argv(train_json: Path, images: Path, out: Path, *extra) -> list:
+    return [
+        "train",
+        "--labelled",
+        train_json,
+        "--images",
+        images,
+        "--out",
+        out,
+        "--config",
+        "demo",
+        "--quiet",
+        *TINY,
+        *extra,
+    ]
+
+
+def _distill_argv(synth, out: Path, *extra) -> list:
+    train_json, _, images = synth
+    return [
+        "distill",
+        "--labelled",
+        train_json,
+        "--images",
+        images,
+        "--out",
+        out,
+        "--config",
+        "demo",
+        "--quiet",
+        *TINY,
+        *extra,
+    ]
+
+
+# ------------------------------------------------------------------------------------ split
+
+
+def test_split_missing_annotations(capsys, tmp_path):
+    missing = tmp_path / "nope.json"
+    fails(
+        capsys,
+        ["split", "--annotations", missing, "--fraction", "0.5", "--out", tmp_path / "s"],
+        missing,
+        "not found",
+    )
+
+
+def test_split_malformed_json_names_the_line(capsys, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{\n  "images": [],\n  "annotations": [,]\n}\n')
+    fails(
+        capsys,
+        ["split", "--annotations", bad, "--count", "1", "--out", tmp_path / "s"],
+        bad,
+        "malformed JSON",
+        "line 3",
+    )
+
+
+def test_split_fraction_giving_no_images(capsys, synth, tmp_path):
+    train_json = synth[0]
+    fails(
+        capsys,
+        ["split", "--annotations", train_json, "--fraction", "0.01", "--out", tmp_path / "s"],
+        train_json,
+        "0.01",
+        "0 labelled images",
+    )
+    assert not (tmp_path / "s").exists()
+
+
+def test_split_count_larger_than_images(capsys, synth, tmp_path):
+    train_json = synth[0]
+    fails(
+        capsys,
+        ["split", "--annotations", train_json, "--count", "10", "--out", tmp_path / "s"],
+        train_json,
+        "10",
+        "4 images",
+    )
+
+
+# ------------------------------------------------------------------------------------- eval
+
+
+def test_eval_malformed_results(capsys, synth, tmp_path):
+    results = tmp_path / "results.json"
+    results.write_text('[\n  {"image_id": 1 "score": 0.5}\n]\n')
+    fails(
+        capsys,
+        ["eval", "--annotations", synth[1], "--predictions", results],
+        results,
+        "malformed JSON",
+        "line 2",
+    )
+
+
+@pytest.mark.parametrize("key", ["image_id", "category_id"])
+def test_eval_result_with_unknown_id(capsys, synth, tmp_path, key):
+    val = json.loads(synth[1].read_text())
+    image = val["images"][0]
+    mask = np.zeros((image["height"], image["width"]), dtype=np.uint8)
+    mask[2:6, 2:6] = 1
+    rle = mask_utils.encode(np.asfortranarray(mask))
+    result = {
+        "image_id": image["id"],
+        "category_id": val["categories"][0]["id"],
+        "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
+        "score": 0.9,
+    }
+    result[key] = 999
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([result]))
+    fails(capsys, ["eval", "--annotations", synth[1], "--predictions", results], results, key, "999")
+
+
+# ------------------------------------------------------------------------------------ train
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_train_missing_image(capsys, tmp_path, workers):
+    # Surfaces when the first batch is read (no start-up check of the labelled files).
+    train_json, _, images = _dataset(tmp_path / "d")
+    missing = _image_paths(train_json, images)[1]
+    missing.unlink()
+    fails(
+        capsys,
+        _train_argv(train_json, images, tmp_path / "run", *ALL_IN_ONE_BATCH, f"data.num_workers={workers}"),
+        missing,
+        "not found",
+    )
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_train_corrupt_image(capsys, tmp_path, workers):
+    train_json, _, images = _dataset(tmp_path / "d")
+    corrupt = _image_paths(train_json, images)[2]
+    corrupt.write_bytes(b"\x89PNG garbage" * 8)
+    fails(
+        capsys,
+        _train_argv(train_json, images, tmp_path / "run", *ALL_IN_ONE_BATCH, f"data.num_workers={workers}"),
+        corrupt,
+        "cannot read image",
+    )
+
+
+def test_train_truncated_image(capsys, tmp_path):
+    train_json, _, images = _dataset(tmp_path / "d")
+    truncated = _image_paths(train_json, images)[0]
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    fails(
+        capsys, _train_argv(train_json, images, tmp_path / "run", *ALL_IN_ONE_BATCH), truncated, "truncated"
+    )
+
+
+def test_train_image_size_differs_from_json(capsys, tmp_path):
+    train_json, _, images = _dataset(tmp_path / "d")
+    resized = _image_paths(train_json, images)[3]
+    Image.fromarray(np.zeros((32, 48, 3), dtype=np.uint8)).save(resized)
+    fails(
+        capsys,
+        _train_argv(train_json, images, tmp_path / "run", *ALL_IN_ONE_BATCH),
+        resized,
+        "32x48",
+        "64x64",
+    )
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_train_missing_val_image(capsys, tmp_path, workers):
+    # Surfaces at the first evaluation, i.e. only after training (here at the final evaluation).
+    train_json, val_json, images = _dataset(tmp_path / "d")
+    missing = _image_paths(val_json, images)[0]
+    missing.unlink()
+    fails(
+        capsys,
+        _train_argv(train_json, images, tmp_path / "run", "--val", val_json, f"data.num_workers={workers}"),
+        missing,
+        "not found",
+    )
+
+
+def test_train_unknown_config_key(capsys, synth, tmp_path):
+    train_json, _, images = synth
+    fails(
+        capsys,
+        _train_argv(train_json, images, tmp_path / "run", "solver.max_iter=2"),
+        "'solver.max_iter'",
+        "did you mean solver.max_iters",
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_unknown_backbone(capsys, synth, tmp_path):
+    train_json, _, images = synth
+    fails(
+        capsys,
+        _train_argv(train_json, images, tmp_path / "run", "model.backbone=not_a_model"),
+        "model.backbone",
+        "not_a_model",
+    )
+
+
+def test_train_config_file_missing(capsys, synth, tmp_path):
+    train_json, _, images = synth
+    missing = tmp_path / "nope.yaml"
+    argv = [
+        "train",
+        "--labelled",
+        train_json,
+        "--images",
+        images,
+        "--out",
+        tmp_path / "run",
+        "--config",
+        missing,
+        "--quiet",
+    ]
+    fails(capsys, argv, missing, "not found")
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        ("solver:\n  max_iters: lots\n", ["solver.max_iters", "int", "lots"]),
+        ("solver: [1, 2]\n", ["'solver'", "section"]),
+        ("solver:\n  max_iters: [1\n", ["malformed YAML"]),
+        ("- solver\n", ["mapping"]),
+    ],
+    ids=["wrong-type", "section-as-list", "malformed", "top-level-list"],
+)
+def test_train_bad_yaml(capsys, synth, tmp_path, text, fragments):
+    train_json, _, images = synth
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    argv = [
+        "train",
+        "--labelled",
+        train_json,
+        "--images",
+        images,
+        "--out",
+        tmp_path / "run",
+        "--config",
+        config,
+        "--quiet",
+    ]
+    fails(capsys, argv, config, *fragments)
+
+
+# ---------------------------------------------------------------------------------- distill
+
+
+def test_distill_needs_a_teacher(capsys, synth, tmp_path):
+    fails(capsys, _distill_argv(synth, tmp_path / "run", "--unlabelled", synth[2]), "--teacher")
+
+
+def test_distill_teacher_missing(capsys, synth, tmp_path):
+    missing = tmp_path / "nope.pt"
+    fails(
+        capsys,
+        _distill_argv(synth, tmp_path / "run", "--unlabelled", synth[0], "--teacher", missing),
+        missing,
+        "checkpoint not found",
+    )
+
+
+def test_distill_teacher_truncated(capsys, synth, teacher, tmp_path):
+    truncated = tmp_path / "half.pt"
+    data = teacher.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    fails(
+        capsys,
+        _distill_argv(synth, tmp_path / "run", "--unlabelled", synth[0], "--teacher", truncated),
+        truncated,
+        "truncated",
+    )
+
+
+def test_distill_teacher_not_a_gdistill_checkpoint(capsys, synth, tmp_path):
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    fails(
+        capsys,
+        _distill_argv(synth, tmp_path / "run", "--unlabelled", synth[0], "--teacher", foreign),
+        foreign,
+        "not a gdistill checkpoint",
+    )
+
+
+def test_distill_teacher_classes_differ(capsys, synth, teacher, tmp_path):
+    train_json, _, images = synth
+    raw = json.loads(train_json.read_text())
+    raw["categories"][0]["name"] = "renamed"
+    renamed = tmp_path / "renamed.json"
+    renamed.write_text(json.dumps(raw))
+    argv = [
+        "distill",
+        "--labelled",
+        renamed,
+        "--unlabelled",
+        train_json,
+        "--images",
+        images,
+        "--out",
+        tmp_path / "run",
+        "--teacher",
+        teacher,
+        "--config",
+        "demo",
+        "--quiet",
+        *TINY,
+    ]
+    fails(capsys, argv, teacher, "classes", "renamed")
+
+
+def test_distill_empty_unlabelled_folder(capsys, synth, teacher, tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "notes.txt").write_text("no images here")
+    fails(
+        capsys,
+        _distill_argv(synth, tmp_path / "run", "--unlabelled", empty, "--teacher", teacher),
+        empty,
+        "no images",
+    )
+
+
+def test_distill_unlabelled_folder_does_not_exist(capsys, synth, teacher, tmp_path):
+    missing = tmp_path / "nowhere"
+    fails(
+        capsys,
+        _distill_argv(synth, tmp_path / "run", "--unlabelled", missing, "--teacher", teacher),
+        missing,
+        "does not exist",
+    )
+
+
+def test_distill_unlabelled_json_with_missing_image(capsys, teacher, tmp_path):
+    data = _dataset(tmp_path / "d")
+    train_json, _, images = data
+    missing = _image_paths(train_json, images)[0]
+    missing.unlink()
+    # The labelled set is the val split (intact); the unlabelled JSON's images are checked up front.
+    argv = [
+        "distill",
+        "--labelled",
+        data[1],
+        "--unlabelled",
+        train_json,
+        "--images",
+        images,
+        "--out",
+        tmp_path / "run",
+        "--teacher",
+        teacher,
+        "--config",
+        "demo",
+        "--quiet",
+        *TINY,
+    ]
+    fails(capsys, argv, train_json, missing, "not found")
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_distill_corrupt_unlabelled_image(capsys, synth, teacher, tmp_path, workers):
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    corrupt = folder / "a.png"
+    corrupt.write_bytes(b"not an image")
+    argv = _distill_argv(
+        synth,
+        tmp_path / "run",
+        "--unlabelled",
+        folder,
+        "--teacher",
+        teacher,
+        "distill.burn_in=none",
+        f"data.num_workers={workers}",
+    )
+    fails(capsys, argv, corrupt, "cannot read image")

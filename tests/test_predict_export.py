@@ -1,0 +1,315 @@
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gdistill.cli import main
+from gdistill.config import Config, config_to_dict
+from gdistill.data.coco import load_coco
+from gdistill.data.synthetic import generate_synthetic
+from gdistill.engine.checkpoint import save_checkpoint
+from gdistill.engine.evaluate import validation_picture
+from gdistill.errors import GdistillError
+from gdistill.evaluation.coco_eval import COCO_STAT_NAMES, load_results
+from gdistill.export import RawOutputs, export_model, fit_to_input, outputs_to_instances
+from gdistill.inference import load_model
+from gdistill.model.mask2former import build_model
+
+NUM_QUERIES = 8
+
+
+def _tiny_config() -> Config:
+    cfg = Config()
+    m = cfg.model
+    m.backbone, m.pretrained = "resnet18", False
+    m.hidden_dim = m.mask_dim = 32
+    m.num_queries, m.dec_layers, m.enc_layers, m.nheads = NUM_QUERIES, 2, 1, 4
+    m.dim_feedforward = m.enc_dim_feedforward = 64
+    cfg.data.test_short_side, cfg.data.test_max_side, cfg.data.image_size = 64, 96, 64
+    cfg.device, cfg.solver.amp = "cpu", "none"
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    generate_synthetic(root, 4, 2, image_size=64, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, synth):
+    """An untrained tiny model in the trainer's checkpoint format, with the synthetic classes."""
+    torch.manual_seed(0)
+    dataset = load_coco(synth / "val.json")
+    cfg = _tiny_config()
+    model = build_model(cfg.model, dataset.num_classes)
+    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
+    save_checkpoint(
+        {
+            "stage": "teacher",
+            "config": config_to_dict(cfg),
+            "class_names": dataset.class_names,
+            "category_ids": [dataset.category_id(c) for c in range(dataset.num_classes)],
+            "model": model.state_dict(),
+            "teacher": None,
+            "step": 0,
+            "best_ap": 0.0,
+        },
+        path,
+    )
+    return path
+
+
+@pytest.fixture()
+def mixed_images(tmp_path):
+    """3 images of different sizes and modes; (relative path → (H, W))."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(root / "a.png")
+    Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8), "L").save(root / "b.jpg")
+    Image.fromarray(rng.integers(0, 256, (48, 40, 4), dtype=np.uint8), "RGBA").save(
+        root / "sub/c.png"
+    )
+    return root, {"a.png": (40, 56), "b.jpg": (32, 32), "sub/c.png": (48, 40)}
+
+
+def test_predict_folder_writes_results_ids_and_overlays(checkpoint, synth, mixed_images, tmp_path):
+    root, sizes = mixed_images
+    out = tmp_path / "out"
+    args = ["predict", "--weights", str(checkpoint), "--input", str(root), "--out", str(out)]
+    assert main([*args, "--score-threshold", "0", "--batch-size", "2", "--quiet"]) == 0
+
+    images = json.loads((out / "images.json").read_text())["images"]
+    assert [(im["id"], im["file_name"]) for im in images] == [
+        (1, "a.png"),
+        (2, "b.jpg"),
+        (3, "sub/c.png"),
+    ]
+    assert all((im["height"], im["width"]) == sizes[im["file_name"]] for im in images)
+    results = load_results(out / "predictions.json")
+    # Threshold 0 keeps the top-k (query, class) pairs: all Q * K of them (Q * K < 100).
+    per_image = NUM_QUERIES * load_coco(synth / "val.json").num_classes
+    assert len(results) == 3 * per_image
+    by_id = {im["id"]: im for im in images}
+    for r in results:
+        im = by_id[r["image_id"]]
+        assert r["segmentation"]["size"] == [im["height"], im["width"]]
+        assert r["file_name"] == im["file_name"] and 1 <= r["category_id"] <= 6
+
+    for key, (h, w) in sizes.items():
+        name = key.rsplit(".", 1)[0] + ".png"
+        with Image.open(out / "overlays" / name) as overlay:
+            assert overlay.size == (w, h) and overlay.mode == "RGB"
+            assert np.asarray(overlay).std() > 0
+
+    # A higher threshold keeps exactly the predictions scoring at least that much.
+    threshold = float(np.median([r["score"] for r in results]))
+    out2 = tmp_path / "out2"
+    args[-1] = str(out2)
+    # (Same batch size: padding to the batch's largest image changes the outputs slightly.)
+    assert main([*args, "--score-threshold", str(threshold), "--batch-size", "2", "--quiet"]) == 0
+    kept = load_results(out2 / "predictions.json")
+    assert len(kept) == sum(r["score"] >= threshold for r in results) > 0
+    assert min(r["score"] for r in kept) >= threshold
+
+
+def test_predict_single_image_and_bad_input(checkpoint, mixed_images, tmp_path, capsys):
+    root, _ = mixed_images
+    out = tmp_path / "one"
+    assert (
+        main(
+            [
+                "predict",
+                "--weights",
+                str(checkpoint),
+                "--input",
+                str(root / "b.jpg"),
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (out / "overlays" / "b.png").is_file()
+    assert json.loads((out / "images.json").read_text())["images"][0]["file_name"] == "b.jpg"
+    assert (
+        main(
+            [
+                "predict",
+                "--weights",
+                str(checkpoint),
+                "--input",
+                str(root / "nope"),
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
+    assert "nope: input image or folder not found" in capsys.readouterr().err
+
+
+def test_load_model_predicts_at_each_image_size(checkpoint, mixed_images):
+    root, _ = mixed_images
+    predictor = load_model(checkpoint, device="cpu")
+    gray = np.array(Image.open(root / "b.jpg"))  # [H, W] uint8
+    rgba = Image.open(root / "sub/c.png")
+    instances = predictor.predict([root / "a.png", gray, rgba], score_threshold=0.0)
+    assert [tuple(inst.masks.shape[1:]) for inst in instances] == [(40, 56), (32, 32), (48, 40)]
+    for inst in instances:
+        assert inst.masks.dtype == torch.bool
+        assert torch.all(inst.scores[:-1] >= inst.scores[1:])  # sorted by score
+
+
+def test_eval_weights_prints_the_twelve_numbers(checkpoint, synth, tmp_path, capsys):
+    out = tmp_path / "metrics.json"
+    assert (
+        main(
+            [
+                "eval",
+                "--weights",
+                str(checkpoint),
+                "--annotations",
+                str(synth / "val.json"),
+                "--images",
+                str(synth / "images"),
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    header = capsys.readouterr().out.splitlines()[1].split()
+    assert header == COCO_STAT_NAMES
+    metrics = json.loads(out.read_text())
+    assert all(name in metrics for name in COCO_STAT_NAMES)
+    assert metrics["AP"] is not None and 0.0 <= metrics["AP"] <= 100.0
+
+
+def _pytorch_outputs(checkpoint, x):
+    module = RawOutputs(load_model(checkpoint, device="cpu").model).eval()
+    with torch.no_grad():
+        return [t.numpy() for t in module(x)]
+
+
+def test_onnx_export_matches_pytorch(checkpoint, tmp_path, capsys):
+    pytest.importorskip("onnx")  # the exporter writes the file with it
+    ort = pytest.importorskip("onnxruntime")
+    path = tmp_path / "model.onnx"
+    assert (
+        main(
+            [
+                "export",
+                "--weights",
+                str(checkpoint),
+                "--out",
+                str(path),
+                "--height",
+                "64",
+                "--width",
+                "96",
+            ]
+        )
+        == 0
+    )
+    assert "pred_masks [B, Q, 16, 24]" in capsys.readouterr().out
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.rand(
+        2, 3, 64, 96, generator=torch.Generator().manual_seed(1)
+    )  # batch 2: batch is free
+    logits, masks = session.run(None, {"images": x.numpy()})
+    ref_logits, ref_masks = _pytorch_outputs(checkpoint, x)
+    assert logits.shape == (2, NUM_QUERIES, 7) and masks.shape == (2, NUM_QUERIES, 16, 24)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-3, rtol=1e-3)
+    np.testing.assert_allclose(masks, ref_masks, atol=1e-3, rtol=1e-3)
+
+    # The documented post-processing: fit, run, instances at the original size.
+    image = np.random.default_rng(0).integers(0, 256, (50, 120, 3), dtype=np.uint8)
+    x, size = fit_to_input(image, 64, 96)
+    assert x.shape == (1, 3, 64, 96) and size == (40, 96)
+    assert torch.all(x[..., 40:, :] == 0)
+    logits, masks = session.run(None, {"images": x.numpy()})
+    instances = outputs_to_instances(logits, masks, size, (50, 120))
+    assert instances.masks.shape == (NUM_QUERIES * 6, 50, 120)
+
+
+def test_torchscript_export_matches_pytorch(checkpoint, tmp_path):
+    path = export_model(checkpoint, tmp_path / "model.pt", "torchscript", height=64, width=64)
+    x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated in recent torch
+        loaded = torch.jit.load(str(path))
+    with torch.no_grad():
+        logits, masks = (t.numpy() for t in loaded(x))
+    ref_logits, ref_masks = _pytorch_outputs(checkpoint, x)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(masks, ref_masks, atol=1e-4, rtol=1e-4)
+
+
+def test_export_rejects_bad_sizes_and_formats(checkpoint, tmp_path):
+    with pytest.raises(GdistillError, match="multiples of 32"):
+        export_model(checkpoint, tmp_path / "m.onnx", height=60)
+    with pytest.raises(GdistillError, match="format must be one of"):
+        export_model(checkpoint, tmp_path / "m.tflite", fmt="tflite")
+
+
+def test_report_with_checkpoint_draws_predictions_and_pseudo_labels(checkpoint, synth, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(checkpoint.read_bytes())
+    (run / "run.json").write_text(json.dumps({"stage": "teacher", "val": str(synth / "val.json")}))
+    (run / "metrics.csv").write_text(
+        "step,loss,loss_sup,loss_unsup\n10,5.0,5.0,0.0\n20,4.0,4.0,0.0\n"
+    )
+    (run / "eval.csv").write_text(
+        "step,student_AP,student_APl\n20,1.5,None\n"
+    )  # stage A: no teacher
+    assert (
+        main(
+            [
+                "report",
+                str(run),
+                "--images",
+                str(synth / "images"),
+                "--unlabelled",
+                str(synth / "images" / "train"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    report = run / "report"
+    with Image.open(report / "predictions.png") as grid:
+        # 2 validation images of 64 x 64 shown at 320 x 320: 2 columns, 2 rows, gaps of 4.
+        assert grid.size == (2 * 320 + 3 * 4, 24 + 2 * 320 + 2 * 4)
+        assert np.asarray(grid).std() > 5
+    with Image.open(report / "pseudo_label_views.png") as grid:
+        # 4 unlabelled images, crops of data.image_size = 64 shown at 320: 3 columns, 4 rows.
+        assert grid.size == (3 * 320 + 4 * 4, 24 + 4 * 320 + 4 * 4)
+        assert np.asarray(grid).std() > 5
+    summary = (report / "summary.md").read_text()
+    assert "![predictions](predictions.png)" in summary
+    assert "![pseudo_label_views](pseudo_label_views.png)" in summary
+    assert "| iterations | 20 of 368750 |" in summary  # the checkpoint's config
+    assert "| best student AP | 1.50 (iteration 20) |" in summary
+    assert "teacher AP" not in summary
+
+
+def test_validation_picture_of_an_in_memory_model_keeps_train_mode(checkpoint, synth, tmp_path):
+    model = load_model(checkpoint, device="cpu").model.train()
+    dataset = load_coco(synth / "val.json")
+    path = validation_picture(
+        model, dataset, synth / "images", tmp_path / "val.png", "cpu", 64, 96, count=1, cell=160
+    )
+    assert model.training
+    with Image.open(path) as grid:
+        assert grid.size == (2 * 160 + 3 * 4, 24 + 160 + 4)

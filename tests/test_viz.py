@@ -1,0 +1,206 @@
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gdistill.cli import main
+from gdistill.config import Config, save_config
+from gdistill.errors import GdistillError
+from gdistill.model.mask2former import Instances
+from gdistill.viz import (
+    GAP,
+    HEADER_HEIGHT,
+    class_color,
+    overlay_instances,
+    plot_training_curves,
+    save_prediction_grid,
+    save_pseudo_label_grid,
+)
+
+NAMES = ["circle", "square", "triangle"]
+
+
+def _blend(base: int, color: tuple[int, int, int]) -> np.ndarray:
+    return np.round(np.array([base] * 3) * 0.5 + np.array(color) * 0.5)
+
+
+def _png(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_class_colors_are_fixed_and_distinct():
+    assert class_color(0) == (31, 119, 180)  # tab20[0]
+    assert class_color(2) == (44, 160, 44)  # tab20[4]: saturated colours come first
+    colors = [class_color(c) for c in range(40)]
+    assert len(set(colors)) == 40
+    assert colors == [class_color(c) for c in range(40)]
+
+
+def test_overlay_blends_masks_draws_contours_and_labels_and_drops_low_scores():
+    image = np.full((64, 96, 3), 100, np.uint8)
+    masks = np.zeros((2, 64, 96), bool)
+    masks[0, 10:51, 10:71] = True  # class 1, kept
+    masks[1, 55:64, 0:96] = True  # class 2, below the threshold
+    out = overlay_instances(image, masks, [1, 2], [0.9, 0.3], NAMES, score_threshold=0.5)
+    assert out.shape == (64, 96, 3) and out.dtype == np.uint8
+    color = class_color(1)
+    np.testing.assert_array_equal(out[45, 60], _blend(100, color))  # interior, away from the label
+    np.testing.assert_array_equal(out[50, 40], np.round(np.array(color) * 0.75))  # contour
+    np.testing.assert_array_equal(out[60, 50], [100, 100, 100])  # low-score mask not drawn
+    np.testing.assert_array_equal(out[5, 5], [100, 100, 100])  # background untouched
+    label_box = out[10:22, 10:40].reshape(-1, 3)
+    assert (label_box == color).all(1).sum() > 50  # the label's background
+    assert (label_box.astype(int).sum(1) < 150).sum() > 5  # its (dark on orange) text
+    # Everything below the threshold: the image comes back unchanged.
+    np.testing.assert_array_equal(overlay_instances(image, masks, [1, 2], [0.2, 0.3], NAMES), image)
+
+
+def test_overlay_ground_truth_draws_every_mask_and_accepts_tensors():
+    image = torch.full((3, 32, 32), 50, dtype=torch.uint8)
+    masks = torch.zeros(1, 32, 32, dtype=torch.bool)
+    masks[0, 16:, 16:] = True
+    out = overlay_instances(image, masks, torch.tensor([0]), None, NAMES)
+    np.testing.assert_array_equal(out[28, 28], _blend(50, class_color(0)))
+    with pytest.raises(ValueError, match="masks must be"):
+        overlay_instances(image, masks[:, :16], [0], None, NAMES)
+
+
+def test_prediction_grid_layout_and_content(tmp_path):
+    images = [np.full((40, 56, 3), 100, np.uint8), np.full((64, 64, 3), 100, np.uint8)]
+    full = [np.ones((1, 40, 56), bool), np.ones((1, 64, 64), bool)]
+    gt = [([0], full[0]), ([1], full[1])]
+    predictions = [
+        Instances(torch.tensor([0.3]), torch.tensor([0]), torch.from_numpy(full[0])),  # dropped
+        Instances(torch.tensor([0.8]), torch.tensor([1]), torch.from_numpy(full[1])),
+    ]
+    path = save_prediction_grid(
+        tmp_path / "grid.png", images, gt, predictions, NAMES, 0.5, cell=100
+    )
+    picture = _png(path)
+    # Columns 100 wide; rows 100 * 40 / 56 = 71 and 100 high; gaps of GAP pixels.
+    assert picture.shape == (HEADER_HEIGHT + 71 + 100 + 2 * GAP, 2 * 100 + 3 * GAP, 3)
+    row0 = HEADER_HEIGHT + 60  # inside the first row (y 24..94), below the label boxes
+    row1 = HEADER_HEIGHT + 71 + GAP + 80
+    np.testing.assert_array_equal(picture[row0, GAP + 50], _blend(100, class_color(0)))
+    np.testing.assert_array_equal(picture[row0, 2 * GAP + 150], [100, 100, 100])
+    np.testing.assert_array_equal(picture[row1, 2 * GAP + 150], _blend(100, class_color(1)))
+    assert picture[:HEADER_HEIGHT].min() < 100  # column titles are drawn
+
+
+def test_pseudo_label_grid_upsamples_stride4_masks(tmp_path):
+    weak = torch.full((2, 3, 32, 32), 100, dtype=torch.uint8)
+    strong = torch.full((2, 3, 32, 32), 30, dtype=torch.uint8)
+    small = torch.zeros(1, 8, 8, dtype=torch.bool)
+    small[0, :4, :4] = True  # the top-left quarter at stride 4
+    targets = [
+        {"labels": torch.tensor([2]), "masks": small},
+        {
+            "labels": torch.zeros(0, dtype=torch.long),
+            "masks": torch.zeros(0, 8, 8, dtype=torch.bool),
+        },
+    ]
+    path = save_pseudo_label_grid(tmp_path / "pl.png", weak, strong, targets, NAMES, cell=64)
+    picture = _png(path)
+    assert picture.shape == (HEADER_HEIGHT + 2 * 64 + 2 * GAP, 3 * 64 + 4 * GAP, 3)
+    x0 = 3 * GAP + 2 * 64  # third column
+    np.testing.assert_array_equal(picture[HEADER_HEIGHT + 28, x0 + 28], _blend(100, class_color(2)))
+    np.testing.assert_array_equal(picture[HEADER_HEIGHT + 40, x0 + 40], [100, 100, 100])
+    np.testing.assert_array_equal(picture[HEADER_HEIGHT + 40, 2 * GAP + 64 + 40], [30, 30, 30])
+    second_row = HEADER_HEIGHT + 64 + GAP + 20
+    np.testing.assert_array_equal(picture[second_row, x0 + 20], [100, 100, 100])
+
+
+def _write_csv(path, rows):
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _fake_distill_run(run):
+    run.mkdir()
+    metrics = []
+    for step in range(10, 201, 10):
+        burn = step <= 50
+        metrics.append(
+            {
+                "step": step,
+                "lr": 1e-4,
+                "phase": "burn_in" if burn else "distill",
+                "loss": 60 - step / 5,
+                "loss_sup": 50 - step / 5,
+                "loss_unsup": 0.0 if burn else 10.0,
+                "pl_per_image": 0.0 if burn else step / 50,
+                "pl_per_class": "1|0|2",
+            }
+        )
+    metrics[3]["loss"] = "None"  # a bad value is a gap, not an error
+    _write_csv(run / "metrics.csv", metrics)
+    evals = []
+    for step in (100, 200):
+        row = {
+            "step": step,
+            "student_AP": 10.0 + step / 10,
+            "student_AP50": "None",
+            "teacher_AP": 15.0 + step / 20,
+        }
+        for t in (0.5, 0.7):
+            row[f"teacher_pl_precision@{t:g}"] = t + step / 1000
+            row[f"teacher_pl_recall@{t:g}"] = 1 - t
+        evals.append(row)
+    evals[1]["student_AP"] = 18.0  # the best (20.0) is not the last
+    _write_csv(run / "eval.csv", evals)
+    cfg = Config()
+    cfg.solver.max_iters = 200
+    save_config(cfg, run / "config.yaml")
+    (run / "run.json").write_text(
+        '{"stage": "distill", "classes": ["circle", "square", "triangle"], "labelled_images": 12}'
+    )
+
+
+def test_plot_training_curves_writes_each_plot_with_its_size(tmp_path):
+    run = tmp_path / "run"
+    _fake_distill_run(run)
+    paths = plot_training_curves(run)
+    names = [p.name for p in paths]
+    assert names == ["losses.png", "ap.png", "pseudo_labels.png", "pseudo_label_quality.png"]
+    sizes = [_png(p).shape[:2] for p in paths]
+    assert sizes == [(450, 800), (450, 800), (450, 800), (450, 1200)]
+    for p in paths:
+        assert p.parent == run / "report"
+        assert _png(p).std() > 5
+
+
+def test_plot_training_curves_tolerates_missing_files_and_columns(tmp_path):
+    run = tmp_path / "stage_a"
+    run.mkdir()
+    assert plot_training_curves(run) == []
+    _write_csv(run / "metrics.csv", [{"step": 20, "loss": 3.0}, {"step": 40, "loss": 2.0}])
+    (run / "eval.csv").write_text("step,student_AP\n")  # header only
+    assert [p.name for p in plot_training_curves(run, tmp_path / "out")] == ["losses.png"]
+    with pytest.raises(GdistillError, match="run folder not found"):
+        plot_training_curves(tmp_path / "missing")
+
+
+def test_report_command_on_a_run_without_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    _fake_distill_run(run)
+    assert main(["report", str(run), "--val", str(tmp_path / "val.json")]) == 0
+    out = capsys.readouterr().out
+    assert "note: no prediction picture: pass --images" in out
+    report = run / "report"
+    summary = (report / "summary.md").read_text()
+    assert "| stage | B (guided distillation of a student) |" in summary
+    assert "| classes | 3: circle, square, triangle |" in summary
+    assert "| iterations | 200 of 200 |" in summary
+    assert "| best student AP | 20.00 (iteration 100) |" in summary
+    assert "| final teacher AP | 25.00 (iteration 200) |" in summary
+    # distill.score_threshold is 0.7 by default: precision 0.7 + 0.2, recall 0.3.
+    assert "| pseudo-label precision / recall at score > 0.7 | 0.900 / 0.300 (teacher" in summary
+    for name in ("losses", "ap", "pseudo_labels", "pseudo_label_quality"):
+        assert f"![{name}]({name}.png)" in summary
+        assert _png(report / f"{name}.png").std() > 5
