@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -47,6 +48,7 @@ class DemoTier:
     burnin_iters: int
     eval_period: int
     seeds: tuple[int, ...]
+    image_size: int = 160
 
 
 QUICK = DemoTier("quick", 1000, 200, 0.1, 800, 400, 100, 100, (0,))
@@ -109,11 +111,14 @@ def run_demo(
     seeds: list[int] | None = None,
     overrides: list[str] | None = None,
     progress: bool = True,
+    tier: DemoTier | None = None,
 ) -> dict:
-    """Run the demo and return (and write) ``demo_results.json``'s content."""
-    tier = FULL if full else QUICK
+    """Run the demo and return (and write) ``demo_results.json``'s content. ``tier`` replaces
+    the quick / full budgets (tests use a tiny one)."""
+    tier = tier or (FULL if full else QUICK)
     seeds = list(seeds) if seeds else list(tier.seeds)
     overrides = list(overrides or [])
+    demo_config(tier, seeds[0], tier.teacher_iters, overrides)  # bad overrides fail before any work
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -121,7 +126,8 @@ def run_demo(
     data_dir = out_dir / "data"
     _say(progress, f"[demo] generating {tier.train_images}+{tier.val_images} synthetic images")
     train_json, val_json = generate_synthetic(
-        data_dir, tier.train_images, tier.val_images, seed=0, progress=progress
+        data_dir, tier.train_images, tier.val_images, seed=0, image_size=tier.image_size,
+        progress=progress,
     )
     images_dir = data_dir / "images"
     train_set = load_coco(train_json)
@@ -166,6 +172,9 @@ def run_demo(
                 )
                 train(cfg, arm_dir, data, teacher_checkpoint=teacher_ckpt, progress=progress)
             results[arm] = _arm_summary(arm_dir, threshold)
+            pictures = sorted((arm_dir / "pictures").glob("val_*.png"))
+            if pictures and seed == seeds[0]:
+                shutil.copy(pictures[-1], out_dir / f"predictions_{arm}.png")
         per_seed[str(seed)] = results
 
     summary = {}

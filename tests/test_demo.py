@@ -1,0 +1,56 @@
+"""A tiny run of the whole demo pipeline (the real budgets are measured, not tested)."""
+
+import json
+
+from gdistill.cli import main
+from gdistill.demo import ARMS, DemoTier, format_demo_table, run_demo
+
+TINY = [
+    "data.image_size=64", "data.test_short_side=64", "data.test_max_side=64",
+    "data.batch_size=2", "data.unlabelled_batch_size=2", "model.hidden_dim=32", "model.mask_dim=32",
+    "model.num_queries=8", "model.dec_layers=2", "model.dim_feedforward=64",
+    "model.enc_dim_feedforward=64", "loss.num_points=128", "threads=1", "solver.warmup_iters=0",
+    "distill.score_threshold=0.0",
+]
+
+
+def test_tiny_demo_writes_results_plot_and_pictures(tmp_path, capsys):
+    tier = DemoTier("tiny", train_images=10, val_images=3, fraction=0.4, teacher_iters=2,
+                    student_iters=2, burnin_iters=1, eval_period=1, seeds=(0,), image_size=64)
+    result = run_demo(tmp_path, overrides=TINY, progress=False, tier=tier)
+    saved = json.loads((tmp_path / "demo_results.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    for arm in ARMS:
+        assert set(saved[arm]) >= {"AP", "AP50", "AP75", "AP_std", "AP_per_seed"}
+        assert 0.0 <= saved[arm]["AP"] <= 100.0
+        detail = saved["per_seed"]["0"][arm]
+        assert [step for step, _ in detail["curve"]] == [1, 2]
+        assert (tmp_path / f"predictions_{arm}.png").stat().st_size > 1000
+    # the distillation arms report the teacher's pseudo-label precision over stage B
+    for arm in ("standard_burnin", "guided_burnin"):
+        assert len(saved["per_seed"]["0"][arm]["pl_precision"]) == 2
+    assert "pl_precision" not in saved["per_seed"]["0"]["supervised"]
+    assert saved["tier"]["name"] == "tiny" and saved["tier"]["seeds"] == [0]
+    assert (tmp_path / "demo_curves.png").stat().st_size > 5000
+    assert (tmp_path / "seed0" / "split" / "labelled.json").is_file()
+    printed = capsys.readouterr().out
+    assert "guided_burnin" in printed and "teacher (stage A)" in printed
+
+
+def test_demo_table_shows_spread_over_seeds():
+    result = {
+        "teacher": {"AP": 20.0},
+        "supervised": {"AP": 21.0, "AP50": 40.0, "AP75": 20.0, "AP_std": 0.0},
+        "standard_burnin": {"AP": 22.5, "AP50": 41.0, "AP75": 21.0, "AP_std": 0.7},
+        "guided_burnin": {"AP": 26.25, "AP50": 45.0, "AP75": 25.0, "AP_std": 1.2},
+        "tier": {"name": "full", "seeds": [0, 1, 2]},
+        "minutes": 12.0,
+    }
+    table = format_demo_table(result)
+    assert "26.2±1.2" in table or "26.3±1.2" in table
+    assert "22.5±0.7" in table and "21.0 " in table
+
+
+def test_demo_command_rejects_unknown_override(capsys, tmp_path):
+    assert main(["demo", "--out", str(tmp_path), "solver.max_iter=3"]) == 2
+    assert "unknown config key 'solver.max_iter'" in capsys.readouterr().err
