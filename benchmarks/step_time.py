@@ -358,18 +358,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     rss_at = {int(x) for x in args.rss_at.split(",") if x.strip()}
     rss_report: dict[str, float] = {}
-    times, rss = [], []
+    times, rss, faults = [], [], []
     total = args.warmup + args.iters
     for i in range(total):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
+        flt0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         step(batches[i % pool], ubatches[i % pool] if ubatches else None)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
         if i >= args.warmup:
             times.append(dt)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - flt0)
             rss.append(current_rss_gib())
         if i + 1 in rss_at:
             rss_report[str(i + 1)] = round(current_rss_gib(), 4)
@@ -386,6 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rss_end_gib": round(rss[-1], 4),
         "rss_growth_mib_per_iter": round(slope(rss) * 1024, 3),
         "rss_gib_at": rss_report,
+        "minor_faults_per_iter": int(statistics.median(faults)),
         "config": {
             k: getattr(args, k)
             for k in ("backbone", "size", "batch", "iters", "warmup", "threads", "queries",

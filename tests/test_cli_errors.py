@@ -470,3 +470,20 @@ def test_distill_corrupt_unlabelled_image(capsys, synth, teacher, tmp_path, work
         f"data.num_workers={workers}",
     )
     fails(capsys, argv, corrupt, "cannot read image")
+
+
+def test_split_skip_invalid_annotations_lists_what_it_drops(capsys, tmp_path):
+    train_json, _ = generate_synthetic(tmp_path / "d", 4, 1, image_size=64, progress=False)
+    raw = json.loads(train_json.read_text())
+    bad_id = raw["annotations"][0]["id"]
+    raw["annotations"][0]["segmentation"] = [[1.0, 1.0, 1.0, 1.0, 1.0, 1.0]]  # zero-area polygon
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(raw))
+    args = ["split", "--annotations", str(bad), "--count", "2", "--out", str(tmp_path / "s")]
+    assert main(args) == 2
+    assert "bad.json" in capsys.readouterr().err
+    assert main([*args, "--skip-invalid-annotations"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped invalid annotation" in err and str(bad_id) in err
+    labelled = json.loads((tmp_path / "s" / "labelled.json").read_text())
+    assert bad_id not in {a["id"] for a in labelled["annotations"]}

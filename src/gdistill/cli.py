@@ -9,8 +9,28 @@ from pathlib import Path
 
 from gdistill.errors import GdistillError
 
+SKIP_HELP = (
+    "drop annotations with an invalid mask (e.g. COCO's few degenerate polygons) and list them, "
+    "instead of stopping"
+)
+
+
+def _load_annotations(path: Path, skip_invalid: bool):
+    """load_coco, optionally dropping invalid annotations — never silently: each is listed."""
+    import warnings
+
+    from gdistill.data.coco import load_coco
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dataset = load_coco(path, drop_invalid=skip_invalid)
+    for message in dataset.dropped:
+        print(f"warning: skipped invalid annotation: {message}", file=sys.stderr)
+    return dataset
+
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip-invalid-annotations", action="store_true", help=SKIP_HELP)
     p.add_argument(
         "--config",
         help="YAML file of config overrides, or a packaged preset "
@@ -47,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--fraction", type=float, help="labelled fraction in (0, 1], e.g. 0.01")
     group.add_argument("--count", type=int, help="number of labelled images")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-invalid-annotations", action="store_true", help=SKIP_HELP)
     p.add_argument(
         "--exclude-labelled",
         action="store_true",
@@ -158,10 +179,9 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
 
 def cmd_split(args: argparse.Namespace) -> None:
-    from gdistill.data.coco import load_coco
     from gdistill.data.splits import split_labelled, write_split
 
-    dataset = load_coco(args.annotations)
+    dataset = _load_annotations(args.annotations, args.skip_invalid_annotations)
     labelled, unlabelled = split_labelled(
         dataset,
         fraction=args.fraction,
@@ -209,12 +229,11 @@ def _config_from_args(args: argparse.Namespace):
 
 
 def _training_data(args: argparse.Namespace, with_unlabelled: bool):
-    from gdistill.data.coco import load_coco
     from gdistill.data.sources import open_unlabelled
     from gdistill.engine.trainer import TrainingData
 
-    labelled = load_coco(args.labelled)
-    val = load_coco(args.val) if args.val else None
+    labelled = _load_annotations(args.labelled, args.skip_invalid_annotations)
+    val = _load_annotations(args.val, args.skip_invalid_annotations) if args.val else None
     if val is not None and val.class_names != labelled.class_names:
         raise GdistillError(f"{args.val}: classes differ from {args.labelled}")
     unlabelled = None
