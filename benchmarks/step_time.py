@@ -66,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
     p.add_argument("--device", default="cpu")
     p.add_argument("--instances", type=int, default=5, help="ground-truth masks per image (mean)")
-    p.add_argument("--pl-per-image", type=float, default=5.0, help="target pseudo-labels per image")
+    p.add_argument("--pl-per-image", type=float, default=6.0,
+                   help="calibration target of pseudo-labels per image (the filter keeps ~5 of 6)")
     p.add_argument("--unsup-weight", type=float, default=2.0)
     p.add_argument("--ema-decay", type=float, default=0.9996)
     p.add_argument("--seed", type=int, default=0)
@@ -139,29 +140,32 @@ def unlabelled_batch(args: argparse.Namespace, g: torch.Generator) -> dict:
 
 @torch.no_grad()
 def calibrate_teacher(teacher: torch.nn.Module, weak: torch.Tensor, per_image: float) -> None:
-    """Make the random teacher's class head confident on about ``per_image`` queries per image:
-    logits scaled to std 20 (softmax ~one-hot), no-object bias raised so that the expected fraction
-    of queries whose best real class beats no-object is per_image / Q."""
+    """Make the random teacher's class head confident on about ``per_image`` queries per image.
+
+    The head's logits are scaled so that the margin (best real class − no-object) varies across
+    queries with std 10, which makes the softmax nearly one-hot; the no-object bias is then
+    raised so that the margin is positive for a fraction per_image / Q of the queries of the
+    calibration batch."""
     head = teacher.decoder.class_embed
     logits = teacher(weak)["pred_logits"]  # [B, Q, K+1]
-    scale = 20.0 / logits.std().clamp(min=1e-6)
+    margin = logits[..., :-1].max(-1).values - logits[..., -1]  # > 0: a real class wins
+    scale = 10.0 / margin.std().clamp(min=1e-6)
     head.weight.mul_(scale)
     head.bias.mul_(scale)
-    logits = logits * scale
-    margin = logits[..., :-1].max(-1).values - logits[..., -1]  # > 0: a real class wins
     quantile = 1.0 - min(1.0, per_image / logits.shape[1])
-    head.bias[-1] += torch.quantile(margin.flatten().float(), quantile)
+    head.bias[-1] += torch.quantile((margin * scale).flatten().float(), quantile)
 
 
 # ----------------------------------------------------------------------------- the step
 
 
 class Phases:
-    """Wall time per named phase (synchronising CUDA) and a torch.profiler label for each."""
+    """Wall and process CPU time per named phase (synchronising CUDA), each also a torch.profiler
+    label. CPU time is the robust measure on a shared machine: preemption inflates wall time."""
 
     def __init__(self, device: torch.device, enabled: bool) -> None:
         self.device, self.enabled = device, enabled
-        self.totals: dict[str, float] = defaultdict(float)
+        self.totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
 
     @contextlib.contextmanager
     def __call__(self, name: str):
@@ -170,12 +174,13 @@ class Phases:
             return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with torch.profiler.record_function(name):
             yield
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.totals[name] += time.perf_counter() - t0
+        self.totals[name][0] += time.perf_counter() - t0
+        self.totals[name][1] += time.process_time() - c0
 
 
 class Step:
@@ -190,7 +195,9 @@ class Step:
         self.student = build_model(cfg.model, NUM_CLASSES).to(device).train()
         self.criterion = build_criterion(cfg, NUM_CLASSES).to(device)
         solver = cfg.solver
-        self.optimizer = build_optimizer(self.student, solver.lr, solver.weight_decay, solver.backbone_lr_mult)
+        self.optimizer = build_optimizer(
+            self.student, solver.lr, solver.weight_decay, solver.backbone_lr_mult
+        )
         self.scheduler = build_scheduler(self.optimizer, solver)
         self.use_scaler = device.type == "cuda" and solver.amp == "fp16"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
@@ -288,52 +295,71 @@ def slope(values: list[float]) -> float:
     return num / den
 
 
-def module_timers(model: torch.nn.Module, totals: dict[str, float], prefix: str) -> list:
-    """Forward wall time of backbone / pixel decoder / decoder via hooks (CPU: synchronous)."""
+def module_timers(named: dict[str, list[torch.nn.Module]], totals: dict[str, list[float]]) -> list:
+    """Forward wall / CPU time of groups of modules via hooks (CPU: synchronous)."""
     handles = []
-    for name in ("backbone", "pixel_decoder", "decoder"):
-        module = getattr(model, name)
-        start: dict[str, float] = {}
+    for name, modules in named.items():
+        for module in modules:
+            start: list[float] = [0.0, 0.0]
 
-        def pre(_m, _i, name=name, start=start):
-            start[name] = time.perf_counter()
+            def pre(_m, _i, start=start):
+                start[:] = [time.perf_counter(), time.process_time()]
 
-        def post(_m, _i, _o, name=name, start=start):
-            totals[f"{prefix}.{name}.forward"] += time.perf_counter() - start[name]
+            def post(_m, _i, _o, name=name, start=start):
+                totals[name][0] += time.perf_counter() - start[0]
+                totals[name][1] += time.process_time() - start[1]
 
-        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
     return handles
 
 
-def run_profile(step: Step, batches: list, ubatches: list, args: argparse.Namespace) -> None:
-    """Phase and module wall times over --profile-iters steps, then the top ops by self CPU time."""
-    modules: dict[str, float] = defaultdict(float)
-    handles = module_timers(step.student, modules, "student")
+def _timed_modules(step: Step) -> dict[str, list[torch.nn.Module]]:
+    from gdistill.model.pixel_decoder import MSDeformAttn
+
+    named: dict[str, list[torch.nn.Module]] = {"criterion.matcher": [step.criterion.matcher]}
+    models = {"student": step.student}
     if step.teacher is not None:
-        handles += module_timers(step.teacher, modules, "teacher")
+        models["teacher"] = step.teacher
+    for prefix, model in models.items():
+        for name in ("backbone", "pixel_decoder", "decoder"):
+            named[f"{prefix}.{name}"] = [getattr(model, name)]
+        named[f"{prefix}.pixel_decoder.ms_deform_attn"] = [
+            m for m in model.modules() if isinstance(m, MSDeformAttn)
+        ]
+    return named
+
+
+def _print_times(title: str, totals: dict[str, list[float]], n: int, wall: float, cpu: float) -> None:
+    print(f"== {title}: wall s/iter, CPU s/iter, share of CPU", file=sys.stderr)
+    for name, (w, c) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {name:<32s} {w / n:8.3f} {c / n:8.3f}  {100 * c / cpu:5.1f}%", file=sys.stderr)
+
+
+def run_profile(step: Step, batches: list, ubatches: list, args: argparse.Namespace) -> None:
+    """Phase and module times over --profile-iters steps, then the top ops by self time."""
+    modules: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    handles = module_timers(_timed_modules(step), modules)
     step.phase.enabled = True
     step.phase.totals.clear()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if step.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities, record_shapes=False) as prof:
-        t0 = time.perf_counter()
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+        t0, c0 = time.perf_counter(), time.process_time()
         for i in range(args.profile_iters):
             step(batches[i % len(batches)], ubatches[i % len(ubatches)] if ubatches else None)
-        total = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     for h in handles:
         h.remove()
     n = args.profile_iters
-    print(f"== profile: {n} iterations, {total / n:.3f} s/iter (profiler overhead included)",
-          file=sys.stderr)
-    print("== phases (s/iter)", file=sys.stderr)
-    for name, t in sorted(step.phase.totals.items(), key=lambda kv: -kv[1]):
-        print(f"  {name:<28s} {t / n:8.3f}  {100 * t / total:5.1f}%", file=sys.stderr)
-    print("== module forwards (s/iter)", file=sys.stderr)
-    for name, t in sorted(modules.items(), key=lambda kv: -kv[1]):
-        print(f"  {name:<28s} {t / n:8.3f}  {100 * t / total:5.1f}%", file=sys.stderr)
+    print(f"== profile: {n} iterations, {wall / n:.3f} s/iter wall, {cpu / n:.3f} s/iter CPU "
+          "(profiler overhead included)", file=sys.stderr)
+    _print_times("phases", step.phase.totals, n, wall, cpu)
+    _print_times("module forwards", modules, n, wall, cpu)
     sort_by = "self_cuda_time_total" if step.device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort_by, row_limit=40), file=sys.stderr)
+    print(prof.key_averages(group_by_input_shape=True).table(
+        sort_by=sort_by, row_limit=50, max_name_column_width=45, max_shapes_column_width=90),
+        file=sys.stderr)
     step.phase.enabled = False
 
 
@@ -358,19 +384,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     rss_at = {int(x) for x in args.rss_at.split(",") if x.strip()}
     rss_report: dict[str, float] = {}
-    times, rss, faults = [], [], []
+    times, cpu_times, rss, faults = [], [], [], []
     total = args.warmup + args.iters
     for i in range(total):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         flt0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         step(batches[i % pool], ubatches[i % pool] if ubatches else None)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
         if i >= args.warmup:
             times.append(dt)
+            cpu_times.append(dc)
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - flt0)
             rss.append(current_rss_gib())
         if i + 1 in rss_at:
@@ -383,6 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
         "sec_per_iter": round(statistics.median(times), 4),
         "sec_per_iter_min": round(min(times), 4),
         "sec_per_iter_mean": round(statistics.fmean(times), 4),
+        "cpu_sec_per_iter": round(statistics.median(cpu_times), 4),
         "peak_rss_gib": round(peak_rss_gib(), 4),
         "rss_after_warmup_gib": round(rss[0], 4),
         "rss_end_gib": round(rss[-1], 4),

@@ -35,7 +35,7 @@ TINY = [
     "data.batch_size=2", "data.unlabelled_batch_size=2", "model.hidden_dim=32", "model.mask_dim=32",
     "model.num_queries=8", "model.dec_layers=2", "model.dim_feedforward=64",
     "model.enc_dim_feedforward=64", "loss.num_points=128", "threads=1", "log_period=1",
-    "solver.warmup_iters=0",
+    "solver.warmup_iters=0", "device=cpu",  # CPU: bit-exact comparisons, also on a GPU machine
 ]
 DISTILL_ITERS, TRAIN_ITERS = 8, 6
 DISTILL = [
@@ -253,12 +253,6 @@ def test_train_killed_and_resumed_equals_uninterrupted(train_runs):
     assert all(map(torch.equal, _tensors(resumed["optimizer"]["state"]), moments)), "optimizer state"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trainer.py MetricsLog.__init__ keeps rows with step < resume_step, but a row's step is "
-    "the count of finished iterations (done = step + 1): the row of the checkpoint's own step is "
-    "dropped and never rewritten (should be <= resume_step)",
-)
 def test_resumed_metrics_log_equals_uninterrupted(distill_runs):
     ref, killed, _ = distill_runs
     full = _without_timing(_rows(ref / "metrics.csv"))
@@ -306,12 +300,6 @@ def test_truncated_last_resumes_from_prev(recovered, distill_runs):
     _assert_same_state(resumed["teacher"], full["teacher"], "teacher")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="checkpoint.py rotate_and_save renames whatever last.pt is to last.prev.pt: after a "
-    "resume from last.prev.pt, the first checkpoint moves the corrupt last.pt over the only good "
-    "fallback (a crash before the next rename then leaves nothing to resume)",
-)
 def test_recovery_keeps_a_readable_fallback(recovered):
     run = recovered[0]
     assert load_checkpoint(run / "last.prev.pt")["step"] == DISTILL_ITERS - 1
@@ -321,7 +309,8 @@ def test_recovery_keeps_a_readable_fallback(recovered):
 
 
 class NaNOnCalls(torch.nn.Module):
-    """Wraps the criterion; its losses are NaN on the chosen (1-based) calls, or on all."""
+    """Wraps the criterion; on the chosen (1-based) calls, or on all, its losses are NaN (still
+    attached to the outputs, and without running the matcher)."""
 
     def __init__(self, inner: torch.nn.Module, calls: set[int] | None) -> None:
         super().__init__()
@@ -329,10 +318,10 @@ class NaNOnCalls(torch.nn.Module):
 
     def forward(self, outputs, targets):
         self.calls += 1
-        losses = self.inner(outputs, targets)
         if self.nan_calls is None or self.calls in self.nan_calls:
-            return {k: v * float("nan") for k, v in losses.items()}
-        return losses
+            nan = outputs["pred_logits"].sum() * float("nan")
+            return {"loss_ce": nan, "loss_mask": nan, "loss_dice": nan}
+        return self.inner(outputs, targets)
 
 
 def _nan_criterion(monkeypatch, calls: set[int] | None) -> None:
@@ -360,6 +349,7 @@ def test_nonfinite_steps_are_skipped(tiny_data, tmp_path, monkeypatch):
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 6
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
 def test_nonfinite_every_step_stops_before_any_checkpoint(tiny_data, tmp_path, monkeypatch):
     _nan_criterion(monkeypatch, None)
     with pytest.raises(GdistillError, match="not finite 5 steps in a row") as err:
@@ -370,64 +360,88 @@ def test_nonfinite_every_step_stops_before_any_checkpoint(tiny_data, tmp_path, m
         assert not (tmp_path / name).exists() or _all_finite(load_checkpoint(tmp_path / name))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trainer.py: a skipped (non-finite) step `continue`s past the evaluation/checkpoint "
-    "block, so when the last step is skipped the run ends without its final last.pt (last.pt "
-    "stays one step short, no final evaluation)",
-)
 def test_nonfinite_last_step_still_writes_final_checkpoint(tiny_data, tmp_path, monkeypatch):
     _nan_criterion(monkeypatch, {2})
     train(_stage_a(2), tmp_path, _no_val(tiny_data), progress=False)
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trainer.py: a step whose forward pass is non-finite is skipped after the forward has "
-    "already updated BatchNorm running statistics in train mode; NaN running_mean/var then reach "
-    "last.pt (and every later evaluation)",
-)
-def test_nonfinite_forward_does_not_poison_batchnorm(tiny_data, tmp_path, monkeypatch):
+def _nan_images_on_call(monkeypatch, call: int) -> None:
+    """The model input of the ``call``-th training step (1-based) is all NaN."""
     real = trainer.images_to_model_input
     calls = []
 
-    def nan_on_second_call(images):
+    def images_to_model_input(images):
         calls.append(1)
         x = real(images)
-        return torch.full_like(x, float("nan")) if len(calls) == 2 else x
+        return torch.full_like(x, float("nan")) if len(calls) == call else x
 
-    monkeypatch.setattr(trainer, "images_to_model_input", nan_on_second_call)
+    monkeypatch.setattr(trainer, "images_to_model_input", images_to_model_input)
+
+
+def test_nonfinite_forward_is_skipped_not_a_crash(tiny_data, tmp_path, monkeypatch):
+    _nan_images_on_call(monkeypatch, 2)
     train(_stage_a(3), tmp_path, _no_val(tiny_data), progress=False)
     assert _rows(tmp_path / "metrics.csv")[-1]["skipped_steps"] == "1"
-    assert _all_finite(load_checkpoint(tmp_path / "last.pt"))
+
+
+def test_nonfinite_forward_does_not_poison_batchnorm(tiny_data, tmp_path, monkeypatch):
+    _nan_images_on_call(monkeypatch, 2)
+    _nan_criterion(monkeypatch, {2})  # keeps the matcher out of it (see the test above)
+    train(_stage_a(3), tmp_path, _no_val(tiny_data), progress=False)
+    assert _rows(tmp_path / "metrics.csv")[-1]["skipped_steps"] == "1"
+    model = load_checkpoint(tmp_path / "last.pt")["model"]
+    bad = [k for k, t in model.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    assert not bad, f"{len(bad)} non-finite tensors, e.g. {bad[:3]}"
 
 
 # ----------------------------------------------------------------------------- 4. AP read back
 
 
+def _same_metrics(got: dict, logged: dict) -> None:
+    for name in COCO_STAT_NAMES:
+        want = logged[f"student_{name}"]
+        if want is None:  # e.g. APm on images without medium objects
+            assert got[name] is None, name
+        else:
+            assert got[name] == pytest.approx(want, abs=1e-9), name
+
+
 def test_eval_of_weights_equals_ap_logged_in_training(tiny_data, synth, tmp_path):
-    run = tmp_path / "run"
-    iters = 4
-    cfg = load_config("demo", [*TINY, f"solver.max_iters={iters}", f"eval_period={iters}",
-                               "checkpoint_period=0"])
-    result = train(cfg, run, tiny_data, progress=False)
+    # Evaluated on its own training images so that 20 steps already give a non-zero AP.
+    data = TrainingData(tiny_data.labelled, synth / "images", tiny_data.labelled, synth / "images")
+    run, iters = tmp_path / "run", 20
+    cfg = load_config("demo", [
+        *TINY, f"solver.max_iters={iters}", f"eval_period={iters}", "checkpoint_period=0",
+        "log_period=100", "solver.lr=0.003", "solver.lr_steps=[1000]", "data.scale_range=[1.0,1.0]",
+    ])
+    result = train(cfg, run, data, progress=False)
     logged = load_checkpoint(run / "last.pt")["last_eval"]
     assert logged["step"] == iters and logged["student_AP"] == result["student_AP"]
+    assert logged["student_AP"] > 0
     row = _rows(run / "eval.csv")[-1]
     assert row["step"] == str(iters)
     # eval.csv holds 6 significant digits; the checkpoint keeps the full numbers.
     assert row["student_AP"] == f"{logged['student_AP']:.6g}"
 
-    metrics = evaluate_checkpoint(run / "last.pt", tiny_data.val, synth / "images", progress=False)
-    for name in COCO_STAT_NAMES:
-        assert metrics[name] == pytest.approx(logged[f"student_{name}"], abs=1e-9), name
-
+    metrics = evaluate_checkpoint(run / "last.pt", data.val, synth / "images", device="cpu",
+                                  progress=False)
+    _same_metrics(metrics, logged)
     out = tmp_path / "m.json"
-    Proc(_cli("eval", "--annotations", synth / "val.json", "--weights", run / "last.pt",
-              "--images", synth / "images", "--out", out, "--quiet"), tmp_path / "eval.log").finish()
+    Proc(_cli("eval", "--annotations", synth / "train.json", "--weights", run / "last.pt",
+              "--images", synth / "images", "--out", out, "--device", "cpu", "--quiet"),
+         tmp_path / "eval.log").finish()
     from_cli = json.loads(out.read_text())
-    for name in COCO_STAT_NAMES:
-        assert from_cli[name] == pytest.approx(logged[f"student_{name}"], abs=1e-9), name
+    _same_metrics(from_cli, logged)
     print(f"AP logged {logged['student_AP']!r}, evaluate_checkpoint {metrics['AP']!r}, "
           f"CLI {from_cli['AP']!r}")
+
+
+def test_evaluating_does_not_change_training(tiny_data, tmp_path):
+    finals = []
+    for eval_period in (1, 2):
+        cfg = load_config("demo", [*TINY, "solver.max_iters=2", f"eval_period={eval_period}",
+                                   "checkpoint_period=0"])
+        train(cfg, tmp_path / str(eval_period), tiny_data, progress=False)
+        finals.append(load_checkpoint(tmp_path / str(eval_period) / "last.pt")["model"])
+    _assert_same_state(finals[0], finals[1], "model trained with eval_period 1 vs 2")

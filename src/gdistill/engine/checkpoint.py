@@ -76,9 +76,14 @@ def latest_good_checkpoint(run_dir: str | Path) -> tuple[dict[str, Any], Path] |
         if not path.exists():
             continue
         try:
-            return load_checkpoint(path), path
+            payload = load_checkpoint(path)
         except GdistillError as exc:
             errors.append(str(exc))
+            continue
+        if path.name == "last.prev.pt" and (run_dir / "last.pt").exists():
+            # Keep the damaged file for inspection, out of the way of the next rotation.
+            os.replace(run_dir / "last.pt", run_dir / "last.pt.corrupt")
+        return payload, path
     if errors:
         raise GdistillError(f"{run_dir}: no readable checkpoint to resume from ({'; '.join(errors)})")
     return None

@@ -136,7 +136,7 @@ class MetricsLog:
         if resume_step is not None and path.exists():
             with open(path, newline="") as f:
                 rows = list(csv.DictReader(f))
-            rows = [r for r in rows if int(float(r["step"])) < resume_step]
+            rows = [r for r in rows if int(float(r["step"])) <= resume_step]
             if rows:
                 self.fields = list(rows[0].keys())
                 with open(path, "w", newline="") as f:
@@ -354,6 +354,7 @@ def train(
             batch_size=dcfg.eval_batch_size,
             shuffle=False,
             collate_fn=collate_eval,
+            generator=torch.Generator(),  # evaluation must not draw from the training RNG
             num_workers=min(dcfg.num_workers, 2),
         )
 
@@ -478,6 +479,10 @@ def train(
                 t.pop("scores")
             strong = images_to_model_input(ubatch["strong"].to(device, non_blocking=True))
 
+        # The forward pass moves BatchNorm statistics; a skipped step must not keep that change.
+        norm_stats = {
+            k: b.clone() for k, b in student.named_buffers() if "running" in k or "num_batches" in k
+        }
         with autocast_for(device, cfg.solver.amp):
             if unsup_targets is not None:
                 # One student forward over [labelled; strong], split afterwards: both are
@@ -497,9 +502,13 @@ def train(
         finite = torch.isfinite(loss.detach()).float()
         if world > 1:  # every rank must skip together, or DDP would wait forever
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        if not bool(finite):
+        skipped = not bool(finite)
+        if skipped:
             # A non-finite loss never reaches the weights or a checkpoint.
             optimizer.zero_grad(set_to_none=True)
+            buffers = dict(student.named_buffers())
+            for k, saved in norm_stats.items():
+                buffers[k].copy_(saved)
             nonfinite_in_a_row += 1
             skipped_steps += 1
             if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
@@ -508,40 +517,39 @@ def train(
                     "steps in a row (lower solver.lr, check the data, or use solver.amp=bf16)"
                 )
             scheduler.step()
-            bar.update(1)
-            continue
-        nonfinite_in_a_row = 0
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.solver.clip_grad_norm > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.solver.clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        else:
+            nonfinite_in_a_row = 0
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.solver.clip_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.solver.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
 
-        # ---- logging (averages over the log window)
-        values = {"loss": loss.item(), "loss_sup": loss_sup.item(), "loss_unsup": loss_unsup.item()}
-        for key in ("loss_ce", "loss_mask", "loss_dice"):
-            values[key] = sup_losses[key].item()
-        if teacher is not None:
-            values.update(
-                {
-                    k: step_stats.get(k, 0.0)
-                    for k in (
-                        "pl_kept",
-                        "pl_candidates",
-                        "pl_mean_score",
-                        "pl_images_without",
-                        "pl_per_image",
-                    )
-                }
-            )
-        for k, v in values.items():
-            window[k] = window.get(k, 0.0) + v
-        window_steps += 1
+            # ---- logging (averages over the log window)
+            values = {"loss": loss.item(), "loss_sup": loss_sup.item(), "loss_unsup": loss_unsup.item()}
+            for key in ("loss_ce", "loss_mask", "loss_dice"):
+                values[key] = sup_losses[key].item()
+            if teacher is not None:
+                values.update(
+                    {
+                        k: step_stats.get(k, 0.0)
+                        for k in (
+                            "pl_kept",
+                            "pl_candidates",
+                            "pl_mean_score",
+                            "pl_images_without",
+                            "pl_per_image",
+                        )
+                    }
+                )
+            for k, v in values.items():
+                window[k] = window.get(k, 0.0) + v
+            window_steps += 1
         done = step + 1
-        if done % cfg.log_period == 0 or done == max_iters:
+        if window_steps and (done % cfg.log_period == 0 or done == max_iters):
             elapsed = time.perf_counter() - t_window
             row = {"step": done, "lr": optimizer.param_groups[-1]["lr"]}
             if teacher is not None:

@@ -116,7 +116,10 @@ class HungarianMatcher(nn.Module):
             if cost is None:
                 indices.append((empty, empty))
                 continue
-            rows, cols = linear_sum_assignment(host[k].view(cost.shape).numpy())
+            # Non-finite outputs (e.g. an fp16 overflow) must reach the trainer's loss guard
+            # rather than stop scipy.
+            matrix = torch.nan_to_num(host[k].view(cost.shape), nan=1e8, posinf=1e8, neginf=-1e8)
+            rows, cols = linear_sum_assignment(matrix.numpy())
             k += 1
             indices.append((torch.as_tensor(rows, dtype=torch.int64),
                             torch.as_tensor(cols, dtype=torch.int64)))
