@@ -153,3 +153,16 @@ def test_teacher_with_other_classes_is_rejected(tiny_data, stage_a, tmp_path):
     cfg = load_config("demo", [*TINY, "solver.max_iters=1"])
     with pytest.raises(GdistillError, match="other.pt: classes"):
         train(cfg, tmp_path / "x", tiny_data, teacher_checkpoint=tmp_path / "other.pt", progress=False)
+
+
+def test_tensorboard_scalars_when_installed(tiny_data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = load_config("demo", [*TINY, "solver.max_iters=2", "eval_period=2"])
+    train(cfg, tmp_path / "tb", tiny_data, progress=False)
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "train/loss" in tags and "eval/student_AP" in tags
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -124,6 +125,24 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def tensorboard_writer(out_dir: Path):
+    """A TensorBoard writer when the ``tensorboard`` package is installed, else None (CSV only)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+def _add_scalars(writer, row: dict, prefix: str) -> None:
+    if writer is None:
+        return
+    for key, value in row.items():
+        if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+            writer.add_scalar(f"{prefix}/{key}", value, row["step"])
+    writer.flush()
 
 
 class MetricsLog:
@@ -358,7 +377,9 @@ def train(
             num_workers=min(dcfg.num_workers, 2),
         )
 
+    tensorboard = None
     if main_process:
+        tensorboard = tensorboard_writer(out_dir)
         step_log = MetricsLog(out_dir / "metrics.csv", start_step if state is not None else None)
         eval_log = MetricsLog(out_dir / "eval.csv", start_step if state is not None else None)
 
@@ -402,6 +423,7 @@ def train(
             row.update({f"teacher_{k}": v for k, v in metrics_t.items() if not isinstance(v, dict)})
         if main_process:
             eval_log.write(row)
+            _add_scalars(tensorboard, row, "eval")
             validation_picture(
                 student,
                 data.val,
@@ -561,6 +583,7 @@ def train(
                 row["pl_per_class"] = "|".join(str(c) for c in class_histogram(unsup_targets, num_classes))
             if main_process:
                 step_log.write(row)
+                _add_scalars(tensorboard, row, "train")
             postfix = {"loss": f"{row['loss']:.2f}"}
             if teacher is not None:
                 postfix["unsup"] = f"{row['loss_unsup']:.2f}"
