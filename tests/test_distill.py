@@ -72,6 +72,25 @@ def test_ema_arithmetic_on_parameters_and_buffers():
     assert torch.equal(teacher.running_mean, student.running_mean)
 
 
+def test_ema_equals_per_tensor_lerp_on_a_model_with_mixed_buffers():
+    torch.manual_seed(0)
+
+    def make():
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(2, 3))
+
+    teacher, student = make(), make()
+    student(torch.randn(2, 3, 4, 4))  # moves BN running stats and num_batches_tracked
+    expected = {}
+    student_state = student.state_dict()
+    for name, t in teacher.state_dict().items():
+        s = student_state[name]
+        expected[name] = t.lerp(s, 1 - 0.99) if t.is_floating_point() else s.clone()
+    ema_update(teacher, student, 0.99)
+    for name, t in teacher.state_dict().items():
+        assert torch.equal(t, expected[name]), name
+    assert int(teacher[1].num_batches_tracked) == 1
+
+
 def test_ema_is_not_recorded_by_autograd():
     teacher = torch.nn.Linear(3, 3)
     student = torch.nn.Linear(3, 3)

@@ -58,6 +58,20 @@ def test_ms_deform_attn_matches_explicit_loops():
     torch.testing.assert_close(ms_deform_attn(value, shapes, None, locations, weights), got)
 
 
+def test_ms_deform_attn_gradients_match_finite_differences():
+    # Value, sampling locations and attention weights all receive gradients (double precision
+    # gradcheck; locations partly outside the maps to exercise the zero padding).
+    torch.manual_seed(0)
+    shapes = [(3, 4), (2, 2)]
+    n, m, d, q, p = 1, 2, 3, 4, 2
+    value = torch.randn(n, 16, m, d, dtype=torch.float64, requires_grad=True)
+    locations = (torch.rand(n, q, m, 2, p, 2, dtype=torch.float64) * 1.2 - 0.1).requires_grad_()
+    weights = torch.rand(n, q, m, 2, p, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda v, loc, w: ms_deform_attn(v, shapes, None, loc, w), (value, locations, weights)
+    )
+
+
 def test_ms_deform_attn_pixel_centre_reads_exact_value():
     value = torch.arange(6, dtype=torch.float32).view(1, 6, 1, 1)  # one 2x3 level
     # Centre of pixel (row 1, col 2) is at ((2 + 0.5) / 3, (1 + 0.5) / 2).

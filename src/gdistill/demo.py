@@ -49,18 +49,22 @@ class DemoTier:
     eval_period: int
     seeds: tuple[int, ...]
     image_size: int = 160
+    student_lr: float = 1e-4  # stage B starts from the converged teacher: a third of stage A's
 
 
-QUICK = DemoTier("quick", 1000, 200, 0.1, 800, 400, 100, 100, (0,))
+QUICK = DemoTier("quick", 1000, 200, 0.1, 800, 300, 100, 100, (0,))
 FULL = DemoTier("full", 1000, 200, 0.1, 2000, 1500, 300, 250, (0, 1, 2))
 
 
-def demo_config(tier: DemoTier, seed: int, iters: int, overrides: list[str]) -> Config:
+def demo_config(
+    tier: DemoTier, seed: int, iters: int, overrides: list[str], lr: float | None = None
+) -> Config:
     cfg = load_config("demo")
     apply_overrides(
         cfg,
         [
             f"seed={seed}",
+            *([f"solver.lr={lr}"] if lr is not None else []),
             f"solver.max_iters={iters}",
             f"solver.lr_steps=[{int(iters * 0.875)}]",
             f"eval_period={tier.eval_period}",
@@ -160,7 +164,7 @@ def run_demo(
             _say(progress, f"[demo] seed {seed}: {arm}")
             arm_dir = seed_dir / arm
             if arm == "supervised":
-                cfg = demo_config(tier, seed, tier.student_iters, overrides)
+                cfg = demo_config(tier, seed, tier.student_iters, overrides, tier.student_lr)
                 train(cfg, arm_dir, data, init_weights=teacher_ckpt, progress=progress)
             else:
                 burn_in = "standard" if arm == "standard_burnin" else "guided"
@@ -169,6 +173,7 @@ def run_demo(
                     seed,
                     tier.student_iters,
                     [f"distill.burn_in={burn_in}", "distill.student_init=teacher", *overrides],
+                    tier.student_lr,
                 )
                 train(cfg, arm_dir, data, teacher_checkpoint=teacher_ckpt, progress=progress)
             results[arm] = _arm_summary(arm_dir, threshold)

@@ -17,19 +17,26 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
 
     decay 0 copies the student (the hand-over at the end of burn-in). Integer buffers (BN's
     ``num_batches_tracked``) are copied. Runs under ``no_grad``: nothing enters the autograd graph.
+    The blend is one multi-tensor ``lerp`` over all tensors (same arithmetic as per-tensor lerp_).
     """
     student = unwrap(student)
     student_params = dict(student.named_parameters())
+    blend_t, blend_s, copy_t, copy_s = [], [], [], []
     for name, t in teacher.named_parameters():
-        s = student_params[name].detach()
-        if decay == 0.0:
-            t.copy_(s)
-        else:
-            t.lerp_(s, 1.0 - decay)
+        blend_t.append(t)
+        blend_s.append(student_params[name].detach())
     student_buffers = dict(student.named_buffers())
     for name, t in teacher.named_buffers():
         s = student_buffers[name]
-        if decay == 0.0 or not t.is_floating_point():
-            t.copy_(s)
+        if t.is_floating_point():
+            blend_t.append(t)
+            blend_s.append(s.to(dtype=t.dtype, device=t.device))
         else:
-            t.lerp_(s.to(t.dtype), 1.0 - decay)
+            copy_t.append(t)
+            copy_s.append(s)
+    if decay == 0.0:
+        copy_t, copy_s = blend_t + copy_t, blend_s + copy_s
+    elif blend_t:
+        torch._foreach_lerp_(blend_t, blend_s, 1.0 - decay)
+    for t, s in zip(copy_t, copy_s, strict=True):
+        t.copy_(s)

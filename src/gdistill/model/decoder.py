@@ -24,7 +24,7 @@ class MLP(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < len(self.layers) - 1:
-                x = F.relu(x)
+                x = F.relu(x, inplace=True)  # x is a fresh Linear output
         return x
 
 
@@ -56,7 +56,7 @@ class DecoderLayer(nn.Module):
         tgt = self.norm_cross(tgt + out[0])
         q = tgt + query_pos
         tgt = self.norm_self(tgt + self.self_attn(q, q, tgt, need_weights=False)[0])
-        return self.norm_ffn(tgt + self.linear2(F.relu(self.linear1(tgt))))
+        return self.norm_ffn(tgt + self.linear2(F.relu(self.linear1(tgt), inplace=True)))
 
 
 class MaskedAttentionDecoder(nn.Module):
