@@ -1,8 +1,10 @@
 """Training-step time and memory of the production model, criterion and optimizer.
 
-One iteration is exactly what ``gdistill.engine.trainer.train`` does per step (model, criterion and
-optimizer come from the trainer's own builders), on synthetic data: random uint8 images and ~5
-random instance masks per image at full input resolution (no dataset, no data loader).
+One iteration is what ``gdistill.engine.trainer.train`` does per step, built from the trainer's own
+pieces (``build_model``, ``build_criterion``, ``build_optimizer``, ``build_scheduler``,
+``_split_outputs``, ``_sum_losses``, ``freeze``, ``ema_update``, ``pseudo_labels_from_teacher``),
+on synthetic data: random uint8 images and ~5 random elliptical instance masks per image at full
+input resolution (no dataset, no data loader; data creation is not timed).
 
 - ``--stage teacher``: stage A (labelled loss only).
 - ``--stage distill``: stage B in its EMA phase: EMA update of the teacher, teacher forward on the
@@ -14,19 +16,26 @@ would make the unlabelled loss almost free. Its class head is therefore calibrat
 calibration batch (logits scaled, no-object bias shifted) so that about ``--pl-per-image``
 queries per image pass the production filter; the JSON reports the count actually kept.
 
-Prints ONE JSON line: ``sec_per_iter`` (median over the iterations after ``--warmup``),
-``peak_rss_gib`` (ru_maxrss), RSS after warm-up / at the end and its growth per iteration (least
-squares slope over the timed iterations), CUDA peak memory when on CUDA, and the config.
+Prints ONE JSON line: ``sec_per_iter`` (median wall time over the iterations after ``--warmup``),
+``cpu_sec_per_iter`` (median process CPU time: the robust number on a shared machine, where
+preemption inflates wall time), ``peak_rss_gib`` (ru_maxrss), RSS after warm-up / at the end, its
+growth per iteration (least-squares slope over the timed iterations), RSS at ``--rss-at``
+iterations, minor page faults per iteration, CUDA peak memory on CUDA, the config and the load.
 
     python benchmarks/step_time.py --stage teacher --backbone resnet50 --size 256 --batch 2 --iters 20
-    python benchmarks/step_time.py --stage distill ... [--profile] (phase / module / op breakdown
-    to stderr)
+    python benchmarks/step_time.py --stage distill ... --profile   # phase / module / op breakdown
+                                                                   # to stderr after the warm-up
+
+On a CPU shared with other jobs, run with ``OMP_WAIT_POLICY=PASSIVE`` (see BENCHMARKS.md): with
+the default spinning policy a 2-thread run can be 10-25x slower when another process holds a core.
+``--amp`` follows the trainer: autocast on CUDA only, CPU always runs fp32.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import os
 import platform
@@ -222,6 +231,9 @@ class Step:
                 weak = images_to_model_input(ubatch["weak"].to(device, non_blocking=True))
                 t_out = self.teacher(weak)
             with phase("pseudo_labels"), torch.no_grad():
+                extra = {}
+                if "duplicate_iou" in inspect.signature(pseudo_labels_from_teacher).parameters:
+                    extra["duplicate_iou"] = getattr(dist, "duplicate_iou", 0.0)
                 unsup_targets, stats = pseudo_labels_from_teacher(
                     t_out["pred_logits"],
                     t_out["pred_masks"],
@@ -229,12 +241,17 @@ class Step:
                     dist.min_mask_area,
                     dist.mask_threshold,
                     ubatch["valid"].to(device),
+                    **extra,
                 )
                 self.pl_kept.append(stats["pl_per_image"])
             for t in unsup_targets:
                 t.pop("scores")
             strong = images_to_model_input(ubatch["strong"].to(device, non_blocking=True))
 
+        with phase("norm_stats"):  # trainer: BN statistics saved in case the step is skipped
+            norm_stats = {
+                k: b.clone() for k, b in self.student.named_buffers() if "running" in k or "num_batches" in k
+            }
         with autocast_for(device, cfg.solver.amp):
             with phase("student_forward"):
                 if unsup_targets is not None:
@@ -251,8 +268,10 @@ class Step:
                     loss_unsup = dist.unsup_weight * _sum_losses(self.criterion(unsup_out, unsup_targets))
                     loss = loss + loss_unsup
 
-        if not torch.isfinite(loss):
+        finite = torch.isfinite(loss.detach()).float()
+        if not bool(finite):
             raise RuntimeError("non-finite loss in the benchmark")
+        del norm_stats
         with phase("backward"):
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -425,6 +444,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "load_avg": [round(x, 2) for x in os.getloadavg()],
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
     }
     if args.stage == "distill":
         result["pl_per_image_mean"] = round(statistics.fmean(step.pl_kept), 2)
