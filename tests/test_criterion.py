@@ -6,7 +6,7 @@ import torch
 import gdistill.model.criterion as criterion_module
 from gdistill.model.criterion import SetCriterion
 from gdistill.model.matcher import HungarianMatcher
-from gdistill.model.point_sampling import point_sample, sample_uncertain_points
+from gdistill.model.point_sampling import point_sample, point_sample_shared, sample_uncertain_points
 
 
 def softplus(x: float) -> float:
@@ -69,6 +69,20 @@ def test_point_sample_matches_manual_bilinear():
     out3 = point_sample(img[:, 0], coords)
     assert out3.shape == (2, 4)
     torch.testing.assert_close(out3, out[:, 0])
+
+
+def test_point_sample_shared_reads_every_map_at_the_same_points():
+    torch.manual_seed(0)
+    maps = torch.randn(3, 5, 7)
+    coords = torch.rand(6, 2)
+    out = point_sample_shared(maps, coords)
+    assert out.shape == (3, 6)
+    for n in range(3):
+        for p in range(6):
+            x, y = coords[p].tolist()
+            assert out[n, p].item() == pytest.approx(manual_bilinear(maps[n], x, y), abs=1e-5)
+    # Bitwise the channels layout it replaces in the matcher.
+    assert torch.equal(out, point_sample(maps[None], coords[None])[0])
 
 
 def test_sample_uncertain_points_keeps_most_uncertain():

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from gdistill.model.point_sampling import point_sample
+from gdistill.model.point_sampling import point_sample_shared
 
 
 def pairwise_sigmoid_bce(inputs: Tensor, targets: Tensor) -> Tensor:
@@ -50,9 +50,9 @@ def match_costs(
     """
     probs = pred_logits.float().softmax(-1)
     c_class = -probs[:, tgt_labels]
-    coords = coords.float()[None]  # [1, P, 2]; masks become channels: one grid for all of them
-    pred_points = point_sample(pred_masks.float()[None], coords)[0]  # [Q, P]
-    tgt_points = point_sample(tgt_masks.to(torch.float32)[None], coords)[0]  # [M, P]
+    coords = coords.float()  # one set of points for all predictions and targets
+    pred_points = point_sample_shared(pred_masks.float(), coords)  # [Q, P]
+    tgt_points = point_sample_shared(tgt_masks.to(torch.float32), coords)  # [M, P]
     c_mask = pairwise_sigmoid_bce(pred_points, tgt_points)
     c_dice = pairwise_dice(pred_points, tgt_points)
     return cost_class * c_class + cost_mask * c_mask + cost_dice * c_dice

@@ -26,6 +26,19 @@ def point_sample(input: Tensor, coords: Tensor, align_corners: bool = False) -> 
     return out.squeeze(1) if squeeze else out
 
 
+def point_sample_shared(input: Tensor, coords: Tensor, align_corners: bool = False) -> Tensor:
+    """Sample every map of ``input`` at the same points: input [N, H, W], coords [P, 2] (x, y) in
+    [0, 1]. Returns [N, P]; equal to ``point_sample(input[None], coords[None])[0]``.
+
+    The maps are laid out as a batch (not as channels of one image) with one grid expanded over
+    it (no copy): the CPU grid_sample kernel parallelises over the batch only.
+    """
+    grid = (2.0 * coords - 1.0).to(input.dtype).view(1, -1, 1, 2)
+    grid = grid.expand(input.shape[0], -1, -1, -1)  # [N, P, 1, 2]
+    out = F.grid_sample(input.unsqueeze(1), grid, mode="bilinear", align_corners=align_corners)
+    return out.view(input.shape[0], -1)
+
+
 @torch.no_grad()
 def sample_uncertain_points(
     logits: Tensor, num_points: int, oversample_ratio: float, importance_sample_ratio: float
