@@ -25,6 +25,7 @@ iterations, minor page faults per iteration, CUDA peak memory on CUDA, the confi
     python benchmarks/step_time.py --stage teacher --backbone resnet50 --size 256 --batch 2 --iters 20
     python benchmarks/step_time.py --stage distill ... --profile   # phase / module / op breakdown
                                                                    # to stderr after the warm-up
+    python benchmarks/step_time.py --stage distill ... --phases    # the same without the op table
 
 On a CPU shared with other jobs, run with ``OMP_WAIT_POLICY=PASSIVE`` (see BENCHMARKS.md): with
 the default spinning policy a 2-thread run can be 10-25x slower when another process holds a core.
@@ -72,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dec-layers", type=int, default=9)
     p.add_argument("--points", type=int, default=12544)
     p.add_argument("--hidden", type=int, default=256, help="hidden_dim = mask_dim = pixel decoder width")
+    p.add_argument("--train-bn", action="store_true",
+                   help="model.frozen_bn=false: train the backbone's BatchNorm (default: frozen, as "
+                   "the paper's COCO R50)")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
     p.add_argument("--device", default="cpu")
     p.add_argument("--instances", type=int, default=5, help="ground-truth masks per image (mean)")
@@ -83,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rss-at", default="", help="comma-separated iterations (1-based, counting "
                    "warm-up) at which to report RSS, e.g. 50,250,500")
     p.add_argument("--profile", action="store_true", help="phase/module/op breakdown to stderr")
+    p.add_argument("--phases", action="store_true",
+                   help="phase/module breakdown to stderr, without torch.profiler (less overhead)")
     p.add_argument("--profile-iters", type=int, default=3)
     return p.parse_args(argv)
 
@@ -98,6 +104,7 @@ def make_config(args: argparse.Namespace) -> Config:
     cfg.model.mask_dim = args.hidden
     cfg.model.num_queries = args.queries
     cfg.model.dec_layers = args.dec_layers
+    cfg.model.frozen_bn = not args.train_bn
     cfg.model.num_classes = NUM_CLASSES
     cfg.loss.num_points = args.points
     cfg.solver.amp = args.amp
@@ -363,7 +370,11 @@ def run_profile(step: Step, batches: list, ubatches: list, args: argparse.Namesp
     activities = [torch.profiler.ProfilerActivity.CPU]
     if step.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+    ops = args.profile  # --phases: phase / module times only, without torch.profiler's overhead
+    ctx = contextlib.nullcontext()
+    if ops:
+        ctx = torch.profiler.profile(activities=activities, record_shapes=True)
+    with ctx as prof:
         t0, c0 = time.perf_counter(), time.process_time()
         for i in range(args.profile_iters):
             step(batches[i % len(batches)], ubatches[i % len(ubatches)] if ubatches else None)
@@ -371,14 +382,16 @@ def run_profile(step: Step, batches: list, ubatches: list, args: argparse.Namesp
     for h in handles:
         h.remove()
     n = args.profile_iters
-    print(f"== profile: {n} iterations, {wall / n:.3f} s/iter wall, {cpu / n:.3f} s/iter CPU "
-          "(profiler overhead included)", file=sys.stderr)
+    what = "profiler overhead included" if ops else "hooks only"
+    print(f"== profile: {n} iterations, {wall / n:.3f} s/iter wall, {cpu / n:.3f} s/iter CPU ({what})",
+          file=sys.stderr)
     _print_times("phases", step.phase.totals, n, wall, cpu)
     _print_times("module forwards", modules, n, wall, cpu)
-    sort_by = "self_cuda_time_total" if step.device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages(group_by_input_shape=True).table(
-        sort_by=sort_by, row_limit=50, max_name_column_width=45, max_shapes_column_width=90),
-        file=sys.stderr)
+    if ops:
+        sort_by = "self_cuda_time_total" if step.device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages(group_by_input_shape=True).table(
+            sort_by=sort_by, row_limit=50, max_name_column_width=45, max_shapes_column_width=90),
+            file=sys.stderr)
     step.phase.enabled = False
 
 
@@ -421,7 +434,7 @@ def main(argv: list[str] | None = None) -> dict:
             rss.append(current_rss_gib())
         if i + 1 in rss_at:
             rss_report[str(i + 1)] = round(current_rss_gib(), 4)
-        if args.profile and i + 1 == args.warmup:
+        if (args.profile or args.phases) and i + 1 == args.warmup:
             run_profile(step, batches, ubatches, args)
 
     result = {
@@ -439,7 +452,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config": {
             k: getattr(args, k)
             for k in ("backbone", "size", "batch", "iters", "warmup", "threads", "queries",
-                      "dec_layers", "points", "hidden", "amp", "device", "instances", "seed")
+                      "dec_layers", "points", "hidden", "train_bn", "amp", "device", "instances", "seed")
         },
         "torch": torch.__version__,
         "python": platform.python_version(),

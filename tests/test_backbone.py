@@ -93,6 +93,20 @@ def test_frozen_stages_two_freezes_stem_and_stage1_and_keeps_their_bn_in_eval():
     torch.testing.assert_close(bb.body.layer1[0].bn1.running_mean, running)
 
 
+def test_frozen_bn_fixes_every_batchnorm_but_trains_the_convs():
+    bb = TimmBackbone("resnet18", frozen_bn=True)
+    bns = [m for m in bb.body.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 20
+    bb.train()
+    assert all(not m.training for m in bns)
+    assert all(not p.requires_grad for m in bns for p in m.parameters())
+    assert bb.body.layer3[1].conv2.weight.requires_grad and bb.body.conv1.weight.requires_grad
+    before = [m.running_var.clone() for m in bns]
+    bb(torch.randn(2, 3, 32, 32) * 3 + 1)
+    for m, v in zip(bns, before, strict=True):
+        torch.testing.assert_close(m.running_var, v)
+
+
 def test_frozen_stages_efficientnet_stem_includes_stride2_block():
     bb = TimmBackbone("efficientnet_lite0", frozen_stages=1)
     # blocks.0 runs at stride 2, before the first output level (blocks.1): it is part of the stem.

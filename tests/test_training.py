@@ -141,6 +141,22 @@ def test_init_weights_starts_from_checkpoint(tiny_data, stage_a, tmp_path):
                and "num_batches" not in k)
 
 
+def test_backbone_freezing_follows_the_run_not_the_checkpoint(tiny_data, stage_a, tmp_path):
+    # The stage-A checkpoint trained its BatchNorm layers; this run freezes them.
+    cfg = load_config("demo", [*TINY, "solver.max_iters=2", "eval_period=0", "model.frozen_bn=true",
+                               "model.frozen_stages=0", "distill.student_init=teacher"])
+    train(cfg, tmp_path / "f", tiny_data, teacher_checkpoint=stage_a / "best.pt", progress=False)
+    start = _weights(load_checkpoint(stage_a / "best.pt"), "model")
+    after = load_checkpoint(tmp_path / "f" / "last.pt")
+    assert after["config"]["model"]["frozen_bn"] is True
+    assert after["config"]["model"]["frozen_stages"] == 0
+    bn = [k for k in start if k.startswith("backbone.") and "running_" in k]
+    assert bn and all(torch.equal(start[k], after["model"][k]) for k in bn)
+    # the rest of the backbone trained (frozen_stages=0 unfreezes the demo preset's stem)
+    assert not torch.equal(start["backbone.body.conv_stem.weight"],
+                           after["model"]["backbone.body.conv_stem.weight"])
+
+
 def test_resume_without_checkpoint_is_an_error(tiny_data, tmp_path):
     with pytest.raises(GdistillError, match="nothing to resume"):
         train(load_config("demo", TINY), tmp_path / "empty", tiny_data, resume=True, progress=False)

@@ -46,6 +46,7 @@ class ModelConfig:
     pretrained: bool = True  # timm weights (downloads); ignored when backbone_weights is set
     backbone_weights: str = ""  # local weights file for the backbone (state dict)
     frozen_stages: int = 0  # 0: train all; n: freeze stem and the first n - 1 stages
+    frozen_bn: bool = True  # backbone BatchNorm: fixed statistics and affine (COCO R50: FrozenBN)
     num_classes: int = 0  # K thing classes; filled in from the labelled data
     hidden_dim: int = 256
     num_queries: int = 100

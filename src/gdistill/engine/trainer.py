@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from gdistill.config import Config, config_from_dict, config_to_dict
+from gdistill.config import Config, ModelConfig, config_from_dict, config_to_dict
 from gdistill.data.augment import LabelledAugment, UnlabelledAugment
 from gdistill.data.coco import CocoDataset, check_image_files
 from gdistill.data.loader import (
@@ -108,6 +108,15 @@ def build_criterion(cfg: Config, num_classes: int) -> SetCriterion:
 def check_class_names(expected: list[str], found: list[str], what: str) -> None:
     if list(expected) != list(found):
         raise GdistillError(f"{what}: classes {found} do not match the labelled data's classes {expected}")
+
+
+def _architecture_from(checkpoint_model: ModelConfig, run_model: ModelConfig) -> ModelConfig:
+    """The checkpoint's architecture, with this run's choices of what in the backbone trains
+    (``frozen_stages``, ``frozen_bn``): they change training, not the weights' shapes."""
+    model = copy.deepcopy(checkpoint_model)
+    model.frozen_stages = run_model.frozen_stages
+    model.frozen_bn = run_model.frozen_bn
+    return model
 
 
 def teacher_from_checkpoint(path: Path, class_names: list[str]) -> tuple[Mask2Former, Config]:
@@ -245,7 +254,7 @@ def train(
             teacher, teacher_cfg = teacher_from_checkpoint(Path(teacher_checkpoint), class_names)
             # The student is built as the teacher was at the start of stage A (same architecture,
             # same backbone initialisation), unless other backbone weights are given.
-            student_model_cfg = copy.deepcopy(teacher_cfg.model)
+            student_model_cfg = _architecture_from(teacher_cfg.model, cfg.model)
             if cfg.model.backbone_weights:
                 student_model_cfg.backbone_weights = cfg.model.backbone_weights
             cfg.model = student_model_cfg
@@ -254,7 +263,9 @@ def train(
     if init_weights is not None and state is None:
         init_payload = load_checkpoint(init_weights)
         check_class_names(class_names, init_payload["class_names"], str(init_weights))
-        cfg.model = config_from_dict(init_payload["config"], str(init_weights)).model
+        cfg.model = _architecture_from(
+            config_from_dict(init_payload["config"], str(init_weights)).model, cfg.model
+        )
     from_checkpoint = state is not None or init_payload is not None
     student_cfg = _no_download(copy.deepcopy(cfg)) if from_checkpoint else cfg
     student = build_model(student_cfg.model, num_classes)

@@ -64,6 +64,7 @@ def build_model(cfg_model, num_classes: int | None = None) -> Mask2Former:
         pretrained=cfg_model.pretrained,
         weights_path=cfg_model.backbone_weights,
         frozen_stages=cfg_model.frozen_stages,
+        frozen_bn=cfg_model.frozen_bn,
     )
     pixel_decoder = MSDeformAttnPixelDecoder(
         in_channels=list(backbone.channels),
