@@ -8,30 +8,12 @@ import pytest
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
+from tiny_config import TINY as TINY_BASE
 
 from gdistill.cli import main
 from gdistill.data.synthetic import generate_synthetic
 
-TINY = [
-    "data.image_size=64",
-    "data.test_short_side=64",
-    "data.test_max_side=64",
-    "data.batch_size=2",
-    "data.unlabelled_batch_size=2",
-    "model.hidden_dim=32",
-    "model.mask_dim=32",
-    "model.num_queries=8",
-    "model.dec_layers=2",
-    "model.dim_feedforward=64",
-    "model.enc_dim_feedforward=64",
-    "loss.num_points=128",
-    "threads=1",
-    "log_period=1",
-    "solver.warmup_iters=0",
-    "solver.max_iters=1",
-    "eval_period=0",
-    "checkpoint_period=0",
-]
+TINY = [*TINY_BASE, "solver.max_iters=1", "eval_period=0", "checkpoint_period=0"]
 # The first (only) iteration reads all 4 training images.
 ALL_IN_ONE_BATCH = ["data.batch_size=4"]
 

@@ -2,16 +2,12 @@
 
 import json
 
+from tiny_config import TINY as TINY_BASE
+
 from gdistill.cli import main
 from gdistill.demo import ARMS, DemoTier, format_demo_table, run_demo
 
-TINY = [
-    "data.image_size=64", "data.test_short_side=64", "data.test_max_side=64",
-    "data.batch_size=2", "data.unlabelled_batch_size=2", "model.hidden_dim=32", "model.mask_dim=32",
-    "model.num_queries=8", "model.dec_layers=2", "model.dim_feedforward=64",
-    "model.enc_dim_feedforward=64", "loss.num_points=128", "threads=1", "solver.warmup_iters=0",
-    "distill.score_threshold=0.0",
-]
+TINY = [*TINY_BASE, "distill.score_threshold=0.0"]
 
 
 def test_tiny_demo_writes_results_plot_and_pictures(tmp_path, capsys):

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import torch
+from tiny_config import TINY as TINY_BASE
 
 from gdistill.data.coco import load_coco
 from gdistill.data.splits import split_labelled, write_split
@@ -12,13 +13,8 @@ from gdistill.data.synthetic import generate_synthetic
 from gdistill.engine.checkpoint import load_checkpoint
 
 TINY = [
-    "data.image_size=64", "data.test_short_side=64", "data.test_max_side=64",
-    "data.batch_size=2", "data.unlabelled_batch_size=2", "model.hidden_dim=32", "model.mask_dim=32",
-    "model.num_queries=8", "model.dec_layers=2", "model.dim_feedforward=64",
-    "model.enc_dim_feedforward=64", "loss.num_points=128", "threads=1", "log_period=1",
-    "solver.warmup_iters=0", "eval_period=3", "checkpoint_period=3", "solver.max_iters=3",
-    "distill.burnin_iters=2", "distill.ema_decay=0.5", "distill.score_threshold=0.0",
-    "distill.min_mask_area=0",
+    *TINY_BASE, "eval_period=3", "checkpoint_period=3", "solver.max_iters=3", "distill.burnin_iters=2",
+    "distill.ema_decay=0.5", "distill.score_threshold=0.0", "distill.min_mask_area=0",
 ]
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_config import TINY as TINY_BASE
 
 from gdistill.config import load_config
 from gdistill.data.coco import load_coco
@@ -30,13 +31,7 @@ from gdistill.errors import GdistillError
 from gdistill.evaluation.coco_eval import COCO_STAT_NAMES
 from gdistill.inference import evaluate_checkpoint
 
-TINY = [
-    "data.image_size=64", "data.test_short_side=64", "data.test_max_side=64",
-    "data.batch_size=2", "data.unlabelled_batch_size=2", "model.hidden_dim=32", "model.mask_dim=32",
-    "model.num_queries=8", "model.dec_layers=2", "model.dim_feedforward=64",
-    "model.enc_dim_feedforward=64", "loss.num_points=128", "threads=1", "log_period=1",
-    "solver.warmup_iters=0", "device=cpu",  # CPU: bit-exact comparisons, also on a GPU machine
-]
+TINY = [*TINY_BASE, "device=cpu"]  # CPU: bit-exact comparisons, also on a GPU machine
 DISTILL_ITERS, TRAIN_ITERS = 8, 6
 DISTILL = [
     *TINY, f"solver.max_iters={DISTILL_ITERS}", "distill.burnin_iters=4", "eval_period=0",

@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 import torch
+from tiny_config import TINY
 
 from gdistill.config import load_config
 from gdistill.data.coco import load_coco
@@ -12,14 +13,6 @@ from gdistill.data.synthetic import generate_synthetic
 from gdistill.engine.checkpoint import load_checkpoint
 from gdistill.engine.trainer import TrainingData, train
 from gdistill.errors import GdistillError
-
-TINY = [
-    "data.image_size=64", "data.test_short_side=64", "data.test_max_side=64",
-    "data.batch_size=2", "data.unlabelled_batch_size=2", "model.hidden_dim=32", "model.mask_dim=32",
-    "model.num_queries=8", "model.dec_layers=2", "model.dim_feedforward=64",
-    "model.enc_dim_feedforward=64", "loss.num_points=128", "threads=1", "log_period=1",
-    "solver.warmup_iters=0",
-]
 
 
 @pytest.fixture(scope="module")
