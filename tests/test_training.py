@@ -150,6 +150,13 @@ def test_backbone_freezing_follows_the_run_not_the_checkpoint(tiny_data, stage_a
                            after["model"]["backbone.body.conv_stem.weight"])
 
 
+def test_frozen_bn_on_a_random_backbone_warns(tiny_data, tmp_path):
+    cfg = load_config("demo", [*TINY, "solver.max_iters=1", "eval_period=0", "model.frozen_bn=true",
+                               "model.backbone_weights=", "model.pretrained=false"])
+    with pytest.warns(UserWarning, match="frozen_bn=true with a randomly initialised backbone"):
+        train(cfg, tmp_path / "r", tiny_data, progress=False)
+
+
 def test_resume_without_checkpoint_is_an_error(tiny_data, tmp_path):
     with pytest.raises(GdistillError, match="nothing to resume"):
         train(load_config("demo", TINY), tmp_path / "empty", tiny_data, resume=True, progress=False)

@@ -16,6 +16,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -268,6 +269,17 @@ def train(
         )
     from_checkpoint = state is not None or init_payload is not None
     student_cfg = _no_download(copy.deepcopy(cfg)) if from_checkpoint else cfg
+    if (
+        not from_checkpoint
+        and student_cfg.model.frozen_bn
+        and not student_cfg.model.pretrained
+        and not student_cfg.model.backbone_weights
+    ):
+        warnings.warn(
+            "model.frozen_bn=true with a randomly initialised backbone (no pretrained weights): "
+            "its BatchNorm layers stay at identity; set model.frozen_bn=false to train from scratch",
+            stacklevel=2,
+        )
     student = build_model(student_cfg.model, num_classes)
     if init_payload is not None:
         student.load_state_dict(init_payload["model"])
