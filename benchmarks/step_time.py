@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import os
 import platform
@@ -238,9 +237,6 @@ class Step:
                 weak = images_to_model_input(ubatch["weak"].to(device, non_blocking=True))
                 t_out = self.teacher(weak)
             with phase("pseudo_labels"), torch.no_grad():
-                extra = {}
-                if "duplicate_iou" in inspect.signature(pseudo_labels_from_teacher).parameters:
-                    extra["duplicate_iou"] = getattr(dist, "duplicate_iou", 0.0)
                 unsup_targets, stats = pseudo_labels_from_teacher(
                     t_out["pred_logits"],
                     t_out["pred_masks"],
@@ -248,7 +244,7 @@ class Step:
                     dist.min_mask_area,
                     dist.mask_threshold,
                     ubatch["valid"].to(device),
-                    **extra,
+                    duplicate_iou=dist.duplicate_iou,
                 )
                 self.pl_kept.append(stats["pl_per_image"])
             for t in unsup_targets:
@@ -275,8 +271,7 @@ class Step:
                     loss_unsup = dist.unsup_weight * _sum_losses(self.criterion(unsup_out, unsup_targets))
                     loss = loss + loss_unsup
 
-        finite = torch.isfinite(loss.detach()).float()
-        if not bool(finite):
+        if not torch.isfinite(loss.detach()):
             raise RuntimeError("non-finite loss in the benchmark")
         del norm_stats
         with phase("backward"):

@@ -98,9 +98,9 @@ class TimmBackbone(nn.Module):
             4 consecutive, as equal as possible, "stages" (the final norm belongs to the last).
             The ViT adapter's 1x1 convs are never frozen.
         frozen_bn: every BatchNorm layer of the trunk keeps its running statistics and affine
-            parameters (detectron2's FrozenBN, the paper's COCO R50 setting): with small
-            per-device batches, and with strongly augmented views mixed into the student's batch,
-            trained statistics drift away from what the model sees at test time.
+            parameters (detectron2's FrozenBN, the paper's COCO R50 setting, meant for the small
+            per-device batches of detection training). Needs pretrained weights: on a random
+            trunk the layers stay at identity.
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``depth=2`` for tests).
 
     Attributes:
