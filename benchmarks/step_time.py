@@ -50,6 +50,7 @@ import torch
 from gdistill.config import Config
 from gdistill.distill.ema import ema_update
 from gdistill.distill.pseudo_labels import pseudo_labels_from_teacher
+from gdistill.engine.allocator import keep_freed_memory
 from gdistill.engine.evaluate import autocast_for
 from gdistill.engine.optim import build_optimizer, build_scheduler
 from gdistill.engine.trainer import _split_outputs, _sum_losses, build_criterion, freeze
@@ -72,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dec-layers", type=int, default=9)
     p.add_argument("--points", type=int, default=12544)
     p.add_argument("--hidden", type=int, default=256, help="hidden_dim = mask_dim = pixel decoder width")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="leave glibc malloc's defaults (the trainer keeps freed memory for reuse: "
+                        "gdistill.engine.allocator)")
     p.add_argument("--train-bn", action="store_true",
                    help="model.frozen_bn=false: train the backbone's BatchNorm (default: frozen, as "
                    "the paper's COCO R50)")
@@ -393,6 +397,8 @@ def run_profile(step: Step, batches: list, ubatches: list, args: argparse.Namesp
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    # As the trainer does, unless --system-malloc (the comparison in BENCHMARKS.md).
+    malloc_tuned = False if args.system_malloc else keep_freed_memory()
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     cfg = make_config(args)
@@ -453,6 +459,7 @@ def main(argv: list[str] | None = None) -> dict:
         "python": platform.python_version(),
         "load_avg": [round(x, 2) for x in os.getloadavg()],
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        "malloc_keeps_freed_memory": malloc_tuned,
     }
     if args.stage == "distill":
         result["pl_per_image_mean"] = round(statistics.fmean(step.pl_kept), 2)

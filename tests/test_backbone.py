@@ -7,6 +7,7 @@ from torch import nn
 
 from gdistill.errors import GdistillError
 from gdistill.model.backbone import (
+    FrozenBatchNorm2d,
     TimmBackbone,
     build_backbone,
     efficientnet_lite0_weights_path,
@@ -95,16 +96,40 @@ def test_frozen_stages_two_freezes_stem_and_stage1_and_keeps_their_bn_in_eval():
 
 def test_frozen_bn_fixes_every_batchnorm_but_trains_the_convs():
     bb = TimmBackbone("resnet18", frozen_bn=True)
-    bns = [m for m in bb.body.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in bb.body.modules())
+    bns = [m for m in bb.body.modules() if isinstance(m, FrozenBatchNorm2d)]
     assert len(bns) == 20
+    assert all(not list(m.parameters()) for m in bns)
     bb.train()
-    assert all(not m.training for m in bns)
-    assert all(not p.requires_grad for m in bns for p in m.parameters())
     assert bb.body.layer3[1].conv2.weight.requires_grad and bb.body.conv1.weight.requires_grad
     before = [m.running_var.clone() for m in bns]
     bb(torch.randn(2, 3, 32, 32) * 3 + 1)
     for m, v in zip(bns, before, strict=True):
         torch.testing.assert_close(m.running_var, v)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
+def test_frozen_bn_equals_eval_mode_batchnorm_and_keeps_state_dict_keys(name):
+    # efficientnet_lite0 uses timm's BatchNormAct2d: the activation must survive the conversion.
+    torch.manual_seed(0)
+    plain = TimmBackbone(name)
+    with torch.no_grad():  # non-trivial statistics and affine
+        for m in plain.body.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    frozen = TimmBackbone(name, frozen_bn=True)
+    assert list(frozen.state_dict()) == list(plain.state_dict())
+    frozen.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = plain.eval()(x)
+        got = frozen.train()(x)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    plain.load_state_dict(frozen.state_dict())  # and back
 
 
 def test_frozen_stages_efficientnet_stem_includes_stride2_block():

@@ -1,6 +1,9 @@
+import platform
+
 import pytest
 import torch
 
+from gdistill.engine.allocator import keep_freed_memory
 from gdistill.engine.checkpoint import (
     latest_good_checkpoint,
     load_checkpoint,
@@ -66,3 +69,15 @@ def test_foreign_file_is_rejected(tmp_path):
         load_checkpoint(tmp_path / "nope.pt")
     save_checkpoint({"step": 0}, tmp_path / "ok.pt")
     assert load_checkpoint(tmp_path / "ok.pt")["format"] == "gdistill-checkpoint"
+
+
+def test_keep_freed_memory_on_glibc_unless_the_user_set_malloc(monkeypatch):
+    for var in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GDISTILL_SYSTEM_MALLOC"):
+        monkeypatch.delenv(var, raising=False)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert keep_freed_memory() is True
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.setenv("GDISTILL_SYSTEM_MALLOC", "1")
+    assert keep_freed_memory() is False

@@ -44,6 +44,7 @@ from gdistill.distill.ema import ema_update
 from gdistill.distill.pseudo_labels import class_histogram, pseudo_labels_from_teacher
 from gdistill.distill.schedule import phase_name, teacher_decay_for_step, unsupervised_loss_active
 from gdistill.engine import distributed
+from gdistill.engine.allocator import keep_freed_memory
 from gdistill.engine.checkpoint import (
     latest_good_checkpoint,
     load_checkpoint,
@@ -237,6 +238,7 @@ def train(
     progress = progress and main_process
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    keep_freed_memory()
     # Every rank builds identical models from the same seed; the data and point sampling of each
     # rank then differ through the rank-offset seed and the samplers' shards.
     seed_everything(cfg.seed)

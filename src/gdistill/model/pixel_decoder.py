@@ -61,22 +61,94 @@ def ms_deform_attn(
     # One [N*M, D, S] layout shared by all levels; each level is then a (strided) view.
     value = value.permute(0, 2, 3, 1).reshape(n * m, d, s)
     # Points-major grids [N*M, L, P, Q, 2]: grid_sample then returns [N*M, D, P, Q], so the
-    # weighting below runs over rows of Q contiguous values (vectorised) and reduces over an
-    # outer dimension. (With the points innermost, [.., Q, P], the multiply and the sum over
-    # P = 4 values dominated the CPU time of this function.)
+    # weighting runs over rows of Q contiguous values (vectorised) and reduces over an outer
+    # dimension. (With the points innermost, [.., Q, P], the multiply and the sum over P = 4
+    # values dominated the CPU time of this function.)
     grids = (2 * sampling_locations - 1).permute(0, 2, 3, 4, 1, 5).reshape(n * m, num_levels, p, q, 2)
-    weights = attention_weights.permute(0, 2, 3, 4, 1).reshape(n * m, num_levels, 1, p, q)
-    out = None
-    start = 0
-    for lvl, (h, w) in enumerate(shapes):
-        value_l = value[:, :, start : start + h * w].view(n * m, d, h, w)
-        start += h * w
-        sampled = F.grid_sample(
-            value_l, grids[:, lvl], mode="bilinear", padding_mode="zeros", align_corners=False
-        )  # [N*M, D, P, Q]
-        contrib = (sampled * weights[:, lvl]).sum(2)  # [N*M, D, Q]
-        out = contrib if out is None else out + contrib
+    weights = attention_weights.permute(0, 2, 3, 4, 1).reshape(n * m, num_levels, p, q)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (value, grids, weights)):
+        out = _WeightedGridSample.apply(value, grids, weights, tuple(shapes))  # [N*M, D, Q]
+    else:  # inference, tracing and ONNX export: plain ops, no samples kept for a backward
+        out = _weighted_grid_sample(value, grids, weights, shapes)[0]
     return out.view(n, m * d, q).transpose(1, 2)
+
+
+class _WeightedGridSample(torch.autograd.Function):
+    """out[b, :, q] = sum over levels l and points p of weights[b, l, p, q] times the bilinear
+    sample of level l of ``value`` at grids[b, l, p, q].
+
+    value [B, D, S] (levels flattened and concatenated); grids [B, L, P, Q, 2] in [-1, 1]
+    (grid_sample convention, align_corners=False, zero padding); weights [B, L, P, Q].
+    Returns [B, D, Q].
+
+    The arithmetic of grid_sample + multiply + sum under autograd, written out so that the
+    weighting runs one point at a time on cache-sized slices (see forward) and the backward
+    calls grid_sample's backward kernel directly, without autograd's broadcasting bookkeeping.
+    Once-differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, value: Tensor, grids: Tensor, weights: Tensor, shapes: tuple) -> Tensor:
+        out, sampled = _weighted_grid_sample(value, grids, weights, shapes)
+        ctx.shapes = shapes
+        ctx.save_for_backward(value, grids, weights, *sampled)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        value, grids, weights, *sampled = ctx.saved_tensors
+        need_value, need_grids, need_weights = ctx.needs_input_grad[:3]
+        grad_value = torch.empty_like(value) if need_value else None  # every level fills its slice
+        grad_grids = torch.empty_like(grids) if need_grids else None
+        grad_weights = torch.empty_like(weights) if need_weights else None
+        go = grad_out.unsqueeze(2)  # [B, D, 1, Q]
+        start = 0
+        for lvl, value_l in enumerate(_level_views(value, ctx.shapes)):
+            size = value_l.shape[-2] * value_l.shape[-1]
+            if need_weights:
+                for point in range(grids.shape[2]):
+                    grad_weights[:, lvl, point] = (grad_out * sampled[lvl][:, :, point]).sum(1)
+            if need_value or need_grids:
+                grad_sampled = go * weights[:, lvl, None]  # [B, D, P, Q]
+                g_value, g_grid = torch.ops.aten.grid_sampler_2d_backward(
+                    grad_sampled, value_l, grids[:, lvl], 0, 0, False, [need_value, need_grids]
+                )  # modes: 0 = bilinear, 0 = zero padding
+                if need_value:
+                    grad_value[:, :, start : start + size] = g_value.flatten(2)
+                if need_grids:
+                    grad_grids[:, lvl] = g_grid
+            start += size
+        return grad_value, grad_grids, grad_weights, None
+
+
+def _weighted_grid_sample(
+    value: Tensor, grids: Tensor, weights: Tensor, shapes: Sequence[tuple[int, int]]
+) -> tuple[Tensor, list[Tensor]]:
+    """The forward of :class:`_WeightedGridSample`: (out [B, D, Q], per-level samples
+    [B, D, P, Q])."""
+    out, sampled = None, []
+    for lvl, value_l in enumerate(_level_views(value, shapes)):
+        s_l = F.grid_sample(
+            value_l, grids[:, lvl], mode="bilinear", padding_mode="zeros", align_corners=False
+        )  # [B, D, P, Q]
+        # One point at a time: a [B, D, Q] slice and the output stay in cache, where the
+        # product of the whole [B, D, P, Q] tensor did not. R50 reference step: 4 ms -> 0.8 ms
+        # per level and layer; the six layers' forward sampling 0.135 -> 0.050 s per step.
+        for point in range(s_l.shape[2]):
+            w = weights[:, lvl, point, None]
+            out = s_l[:, :, point] * w if out is None else torch.addcmul(out, s_l[:, :, point], w)
+        sampled.append(s_l)
+    return out, sampled
+
+
+def _level_views(value: Tensor, shapes: Sequence[tuple[int, int]]) -> list[Tensor]:
+    """value [B, D, S] -> one [B, D, H_l, W_l] view per level."""
+    views, start = [], 0
+    for h, w in shapes:
+        views.append(value[:, :, start : start + h * w].view(value.shape[0], value.shape[1], h, w))
+        start += h * w
+    return views
 
 
 class MSDeformAttn(nn.Module):
