@@ -387,6 +387,38 @@ def test_distill_teacher_classes_differ(capsys, synth, teacher, tmp_path):
     fails(capsys, argv, teacher, "classes", "renamed")
 
 
+def test_train_init_weights_missing(capsys, synth, tmp_path):
+    train_json, _, images = synth
+    missing = tmp_path / "nope.pt"
+    argv = _train_argv(train_json, images, tmp_path / "run", "--init-weights", missing)
+    fails(capsys, argv, missing, "checkpoint not found")
+
+
+def test_train_init_weights_with_other_classes(capsys, synth, teacher, tmp_path):
+    train_json, _, images = synth
+    raw = json.loads(train_json.read_text())
+    raw["categories"][0]["name"] = "renamed"
+    renamed = tmp_path / "renamed.json"
+    renamed.write_text(json.dumps(raw))
+    argv = _train_argv(renamed, images, tmp_path / "run", "--init-weights", teacher)
+    fails(capsys, argv, teacher, "classes", "renamed")
+
+
+def test_train_init_weights_fine_tunes_the_checkpoint(synth, teacher, tmp_path):
+    train_json, _, images = synth
+    out = tmp_path / "run"
+    # lr ~ 0: the fine-tuned model must still be the checkpoint's, weight for weight.
+    argv = _train_argv(train_json, images, out, "--init-weights", teacher, "solver.lr=1e-12")
+    assert main([str(a) for a in argv]) == 0
+    start = torch.load(teacher, map_location="cpu", weights_only=False)["model"]
+    after = torch.load(out / "last.pt", map_location="cpu", weights_only=False)["model"]
+    assert start.keys() == after.keys()
+    moved = [k for k in start if start[k].is_floating_point() and "running" not in k
+             and not torch.allclose(start[k], after[k], atol=1e-6)]
+    assert moved == []
+    assert json.loads((out / "run.json").read_text())["init_weights"] == str(teacher)
+
+
 def test_distill_empty_unlabelled_folder(capsys, synth, teacher, tmp_path):
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)

@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", type=Path, help="validation COCO JSON (mask AP, best.pt)")
     p.add_argument("--val-images", type=Path, help="image root of --val (default: --images)")
     p.add_argument("--out", required=True, type=Path, help="run folder")
+    p.add_argument(
+        "--init-weights",
+        type=Path,
+        help="start from the model of a gdistill checkpoint (fine-tuning; its architecture is "
+        "kept) instead of a fresh model; optimizer and schedule start anew",
+    )
     _add_config_args(p)
 
     p = sub.add_parser("distill", help="stage B: guided distillation of a student")
@@ -263,7 +269,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = _config_from_args(args)
     data = _training_data(args, with_unlabelled=False)
-    result = train(cfg, args.out, data, resume=args.resume, progress=not args.quiet)
+    result = train(
+        cfg, args.out, data, resume=args.resume, progress=not args.quiet, init_weights=args.init_weights
+    )
     _print_final(result, args.out)
 
 
