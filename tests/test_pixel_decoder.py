@@ -111,6 +111,53 @@ def test_ms_deform_attn_gradients_of_a_subset_of_inputs(needs):
         torch.testing.assert_close(g, w)
 
 
+def test_ms_deform_attn_cpu_sparse_path_equals_grid_sample_at_the_borders():
+    # On a CPU ms_deform_attn runs as sparse-matrix products over zero-padded maps; forward and
+    # every gradient must equal grid_sample + autograd, also for points exactly on the map's
+    # edges (0, 1), on the last pixel centre, just outside, and far outside.
+    torch.manual_seed(2)
+    shapes = [(4, 6), (3, 3), (1, 2)]
+    n, m, d, q, p = 2, 2, 5, 7, 4
+    s = sum(h * w for h, w in shapes)
+    value = torch.randn(n, s, m, d, dtype=torch.float64, requires_grad=True)
+    edges = torch.tensor([0.0, 1.0, -1e-9, 1 + 1e-9, -3.0, 4.0, 0.5, 1 - 1 / 12], dtype=torch.float64)
+    locations = edges[torch.randint(len(edges), (n, q, m, len(shapes), p, 2))]
+    locations = (locations + 0.02 * torch.rand_like(locations) * (torch.rand_like(locations) < 0.3))
+    locations.requires_grad_()
+    weights = torch.rand(n, q, m, len(shapes), p, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(n, q, m * d, dtype=torch.float64)
+    inputs = (value, locations, weights)
+    got = ms_deform_attn(value, shapes, None, locations, weights)
+    want = _autograd_ms_deform_attn(value, shapes, locations, weights)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(torch.autograd.grad(got, inputs, grad_out),
+                    torch.autograd.grad(want, inputs, grad_out), strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def test_ms_deform_attn_non_finite_location_gives_nan_like_grid_sample():
+    value = torch.arange(12.0).view(1, 12, 1, 1)  # one 3x4 level
+    loc = torch.tensor([[float("nan"), 0.5], [float("inf"), 0.5], [0.5, -float("inf")], [0.5, 0.5]])
+    out = ms_deform_attn(value, [(3, 4)], None, loc.view(1, 4, 1, 1, 1, 2), torch.ones(1, 4, 1, 1, 1))
+    assert out[0, :3].isnan().all()
+    assert out[0, 3].item() == pytest.approx(5.5)
+
+
+def test_ms_deform_attn_is_bitwise_repeatable():
+    torch.manual_seed(3)
+    shapes = [(8, 8), (4, 4)]
+    value = torch.randn(2, 80, 4, 8, requires_grad=True)
+    locations = torch.rand(2, 80, 4, 2, 4, 2, requires_grad=True)
+    weights = torch.rand(2, 80, 4, 2, 4, requires_grad=True)
+    grad_out = torch.randn(2, 80, 32)
+    runs = []
+    for _ in range(2):
+        out = ms_deform_attn(value, shapes, None, locations, weights)
+        runs.append([out, *torch.autograd.grad(out, (value, locations, weights), grad_out)])
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_ms_deform_attn_pixel_centre_reads_exact_value():
     value = torch.arange(6, dtype=torch.float32).view(1, 6, 1, 1)  # one 2x3 level
     # Centre of pixel (row 1, col 2) is at ((2 + 0.5) / 3, (1 + 0.5) / 2).

