@@ -56,20 +56,36 @@ def ms_deform_attn(
         [N, Q, M * D]: for each query and head, the weighted sum of the bilinearly sampled values.
     """
     shapes = _shapes_list(spatial_shapes)
+    if sum(h * w for h, w in shapes) != value.shape[1]:
+        raise ValueError(f"spatial_shapes {shapes} do not add up to {value.shape[1]} values")
+    if value.device.type == "cpu" and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+        # Sparse-matrix products: 1.6x faster than grid_sample on a CPU (BENCHMARKS.md); tracing
+        # and ONNX export keep the plain grid_sample ops.
+        return ms_deform_attn_csr(value, shapes, sampling_locations, attention_weights)
+    return ms_deform_attn_grid_sample(value, shapes, sampling_locations, attention_weights)
+
+
+def ms_deform_attn_csr(
+    value: Tensor, shapes: list[tuple[int, int]], sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """:func:`ms_deform_attn` as sparse CSR products (``model/csr_sampling.py``); CPU only."""
     n, s, m, d = value.shape
     _, q, _, num_levels, p, _ = sampling_locations.shape
-    if sum(h * w for h, w in shapes) != s:
-        raise ValueError(f"spatial_shapes {shapes} do not add up to {s} values")
-    if value.device.type == "cpu" and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
-        # Sparse-matrix products (model/csr_sampling.py): 1.5x faster than grid_sample on a
-        # CPU; tracing and ONNX export keep the plain grid_sample ops below.
-        out = csr_sample(
-            value.permute(0, 2, 1, 3).reshape(n * m, s, d),
-            sampling_locations.permute(0, 2, 1, 3, 4, 5).reshape(n * m, q, num_levels, p, 2),
-            attention_weights.permute(0, 2, 1, 3, 4).reshape(n * m, q, num_levels, p),
-            shapes,
-        )  # [N*M*Q, D]
-        return out.view(n, m, q, d).transpose(1, 2).reshape(n, q, m * d)
+    out = csr_sample(
+        value.permute(0, 2, 1, 3).reshape(n * m, s, d),
+        sampling_locations.permute(0, 2, 1, 3, 4, 5).reshape(n * m, q, num_levels, p, 2),
+        attention_weights.permute(0, 2, 1, 3, 4).reshape(n * m, q, num_levels, p),
+        shapes,
+    )  # [N*M*Q, D]
+    return out.view(n, m, q, d).transpose(1, 2).reshape(n, q, m * d)
+
+
+def ms_deform_attn_grid_sample(
+    value: Tensor, shapes: list[tuple[int, int]], sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """:func:`ms_deform_attn` with ``F.grid_sample`` (any device, traceable, exportable)."""
+    n, s, m, d = value.shape
+    _, q, _, num_levels, p, _ = sampling_locations.shape
     # One [N*M, D, S] layout shared by all levels; each level is then a (strided) view.
     value = value.permute(0, 2, 3, 1).reshape(n * m, d, s)
     # Points-major grids [N*M, L, P, Q, 2]: grid_sample then returns [N*M, D, P, Q], so the
