@@ -361,12 +361,18 @@ def test_distill_teacher_not_a_gdistill_checkpoint(capsys, synth, tmp_path):
     )
 
 
-def test_distill_teacher_classes_differ(capsys, synth, teacher, tmp_path):
-    train_json, _, images = synth
+def _first_class_renamed(train_json: Path, tmp_path: Path) -> Path:
+    """A copy of the labelled JSON whose first category is called "renamed"."""
     raw = json.loads(train_json.read_text())
     raw["categories"][0]["name"] = "renamed"
     renamed = tmp_path / "renamed.json"
     renamed.write_text(json.dumps(raw))
+    return renamed
+
+
+def test_distill_teacher_classes_differ(capsys, synth, teacher, tmp_path):
+    train_json, _, images = synth
+    renamed = _first_class_renamed(train_json, tmp_path)
     argv = [
         "distill",
         "--labelled",
@@ -396,10 +402,7 @@ def test_train_init_weights_missing(capsys, synth, tmp_path):
 
 def test_train_init_weights_with_other_classes(capsys, synth, teacher, tmp_path):
     train_json, _, images = synth
-    raw = json.loads(train_json.read_text())
-    raw["categories"][0]["name"] = "renamed"
-    renamed = tmp_path / "renamed.json"
-    renamed.write_text(json.dumps(raw))
+    renamed = _first_class_renamed(train_json, tmp_path)
     argv = _train_argv(renamed, images, tmp_path / "run", "--init-weights", teacher)
     fails(capsys, argv, teacher, "classes", "renamed")
 
