@@ -56,7 +56,7 @@ class DemoTier:
 # Burn-in is half of stage B: long enough for the frozen teacher's guidance to matter, as the
 # paper's burn-in is a large share of its stage B; after it the EMA teacher (decay 0.99, time
 # constant ~100 steps) has time to track the student.
-QUICK = DemoTier("quick", 1000, 200, 0.1, 800, 270, 135, 135, (0,), teacher_eval_period=400)
+QUICK = DemoTier("quick", 1000, 200, 0.1, 800, 270, 135, 135, (0,), teacher_eval_period=800)
 FULL = DemoTier("full", 1000, 200, 0.1, 1500, 900, 450, 150, (0, 1, 2), teacher_eval_period=500)
 
 
