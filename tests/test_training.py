@@ -124,6 +124,31 @@ def test_distill_logs_pseudo_label_statistics(tiny_data, stage_a, tmp_path):
     assert "teacher_AP" in result and "student_AP" in result
 
 
+def test_unchanged_teacher_is_evaluated_once(tiny_data, stage_a, tmp_path, monkeypatch):
+    # Evaluations after steps 1, 2 and 3 fall in burn-in (frozen teacher): one evaluation of the
+    # teacher serves all three; the hand-over at step 3 changes it, so step 4 evaluates it again.
+    import gdistill.engine.trainer as trainer
+
+    calls = []
+    real = trainer.evaluate_model
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["desc"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate_model", counting)
+    cfg = load_config("demo", [*TINY, "solver.max_iters=4", "eval_period=1", "checkpoint_period=0",
+                               "distill.burnin_iters=3", "distill.ema_decay=0.5"])
+    train(cfg, tmp_path / "e", tiny_data, teacher_checkpoint=stage_a / "best.pt", progress=False)
+    assert calls.count("eval student") == 4
+    assert calls.count("eval teacher") == 2
+    rows = (tmp_path / "e" / "eval.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    teacher_columns = [i for i, name in enumerate(header) if name.startswith("teacher_")]
+    values = [[row.split(",")[i] for i in teacher_columns] for row in rows[1:]]
+    assert len(teacher_columns) > 10 and values[0] == values[1] == values[2]
+
+
 def test_init_weights_starts_from_checkpoint(tiny_data, stage_a, tmp_path):
     cfg = load_config("demo", [*TINY, "solver.max_iters=1", "eval_period=0", "solver.lr=1e-12"])
     train(cfg, tmp_path / "c", tiny_data, init_weights=stage_a / "best.pt", progress=False)

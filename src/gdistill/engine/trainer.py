@@ -409,6 +409,9 @@ def train(
         eval_log = MetricsLog(out_dir / "eval.csv", start_step if state is not None else None)
 
     diagnostic_thresholds = tuple(sorted({*cfg.distill.diagnostic_thresholds, cfg.distill.score_threshold}))
+    # The teacher's metrics while it does not change (frozen through burn-in): evaluated once,
+    # reused by later evaluations, dropped when the hand-over or an EMA update changes it.
+    teacher_metrics: dict = {}
 
     def evaluate(step: int) -> dict:
         if val_loader is None:
@@ -430,7 +433,7 @@ def train(
             progress=progress,
         )
         row.update({f"student_{k}": v for k, v in metrics.items() if not isinstance(v, dict)})
-        if teacher is not None:
+        if teacher is not None and not teacher_metrics:
             metrics_t, _ = evaluate_model(
                 teacher,
                 val_loader,
@@ -445,7 +448,10 @@ def train(
                 desc="eval teacher",
                 progress=progress,
             )
-            row.update({f"teacher_{k}": v for k, v in metrics_t.items() if not isinstance(v, dict)})
+            teacher_metrics.update(
+                {f"teacher_{k}": v for k, v in metrics_t.items() if not isinstance(v, dict)}
+            )
+        row.update(teacher_metrics)
         if main_process:
             eval_log.write(row)
             _add_scalars(tensorboard, row, "eval")
@@ -502,6 +508,7 @@ def train(
             decay = teacher_decay_for_step(step, dist.burn_in, dist.burnin_iters, dist.ema_decay)
             if decay is not None:
                 ema_update(teacher, student, decay)
+                teacher_metrics.clear()
 
         batch = next(labelled_iter)
         images = images_to_model_input(batch["images"].to(device, non_blocking=True))
