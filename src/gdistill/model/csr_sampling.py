@@ -33,11 +33,11 @@ from torch import Tensor
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
 
-def _top_left_coordinate(x: Tensor, size: int) -> Tensor:
-    """floor(x) for x clamped to [-1, size], kept <= size - 1 so that the right / lower corner
-    (+1) is still in the padded map; non-finite x gives -1 (both corners in the zero border)."""
-    x = torch.nan_to_num(x, nan=-1.0, posinf=size, neginf=-1.0).clamp_(-1, size)
-    return x.floor_().clamp_(max=size - 1)
+def _clamped_and_floor(x: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """(x clamped to [-1, size], its floor kept <= size - 1 so that the right / lower corner (+1)
+    is still in the padded map). Non-finite x becomes -1: both corners in the zero border."""
+    clamped = torch.nan_to_num(x, nan=-1.0, posinf=size, neginf=-1.0).clamp_(-1, size)
+    return clamped, clamped.floor().clamp_(max=size - 1)
 
 
 class _LevelGeometry:
@@ -56,12 +56,12 @@ class _LevelGeometry:
         y = loc_y * h - 0.5
         self.inside_x = (x > -1) & (x < w)
         self.inside_y = (y > -1) & (y < h)
-        x0 = _top_left_coordinate(x, w)
-        y0 = _top_left_coordinate(y, h)
+        x_clamped, x0 = _clamped_and_floor(x, w)
+        y_clamped, y0 = _clamped_and_floor(y, h)
         # A non-finite location gives a NaN sample, as in grid_sample (its index stays valid).
         nan = torch.tensor(float("nan"), dtype=x.dtype)
-        self.fx = torch.where(x.isfinite(), x.clamp(-1, w) - x0, nan)
-        self.fy = torch.where(y.isfinite(), y.clamp(-1, h) - y0, nan)
+        self.fx = torch.where(x.isfinite(), x_clamped - x0, nan)
+        self.fy = torch.where(y.isfinite(), y_clamped - y0, nan)
         row = w + 2
         top_left = ((y0 + 1) * row + (x0 + 1)).to(index_dtype)  # [B, Q, P]
         top_left += (torch.arange(b, dtype=index_dtype) * ((h + 2) * row)).view(b, 1, 1)
