@@ -47,13 +47,14 @@ from collections import defaultdict
 
 import torch
 
-from gdistill.config import Config
+from gdistill.config import Config, load_config
 from gdistill.distill.ema import ema_update
 from gdistill.distill.pseudo_labels import pseudo_labels_from_teacher
 from gdistill.engine.allocator import keep_freed_memory
 from gdistill.engine.evaluate import autocast_for
 from gdistill.engine.optim import build_optimizer, build_scheduler
 from gdistill.engine.trainer import _split_outputs, _sum_losses, build_criterion, freeze
+from gdistill.model import token_linear
 from gdistill.model.mask2former import build_model, images_to_model_input
 
 NUM_CLASSES = 80
@@ -63,6 +64,10 @@ GIB = 1024**3
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--stage", choices=("teacher", "distill"), default="teacher")
+    p.add_argument("--config", default="",
+                   help="a preset name (e.g. demo) or YAML file: model, loss, solver, distill and "
+                        "input sizes come from it, and --backbone/--size/--batch/--queries/"
+                        "--dec-layers/--points/--hidden/--train-bn are ignored")
     p.add_argument("--backbone", default="resnet50")
     p.add_argument("--size", type=int, default=256, help="square crop side (multiple of 32)")
     p.add_argument("--batch", type=int, default=2, help="labelled (and unlabelled) images per step")
@@ -84,8 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--instances", type=int, default=5, help="ground-truth masks per image (mean)")
     p.add_argument("--pl-per-image", type=float, default=6.0,
                    help="calibration target of pseudo-labels per image (the filter keeps ~5 of 6)")
-    p.add_argument("--unsup-weight", type=float, default=2.0)
-    p.add_argument("--ema-decay", type=float, default=0.9996)
+    p.add_argument("--unsup-weight", type=float, default=None, help="default: the config's (2.0)")
+    p.add_argument("--ema-decay", type=float, default=None, help="default: the config's (0.9996)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rss-at", default="", help="comma-separated iterations (1-based, counting "
                    "warm-up) at which to report RSS, e.g. 50,250,500")
@@ -93,27 +98,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--phases", action="store_true",
                    help="phase/module breakdown to stderr, without torch.profiler (less overhead)")
     p.add_argument("--profile-iters", type=int, default=3)
+    p.add_argument("--linear", choices=("auto", "onednn", "blas"), default="auto",
+                   help="the pixel decoder's linears: gdistill.model.token_linear's choice for this "
+                        "CPU, or forced through oneDNN / F.linear")
     return p.parse_args(argv)
 
 
 def make_config(args: argparse.Namespace) -> Config:
-    cfg = Config()
+    """The step's config: the paper's defaults shaped by the flags, or ``--config``, whose sizes
+    are then written back into ``args`` (the data and the JSON report read them there)."""
+    if args.config:
+        cfg = load_config(args.config)
+        args.backbone, args.size = cfg.model.backbone, cfg.data.image_size
+        args.batch, args.queries = cfg.data.batch_size, cfg.model.num_queries
+        args.dec_layers, args.points = cfg.model.dec_layers, cfg.loss.num_points
+        args.hidden, args.train_bn = cfg.model.hidden_dim, not cfg.model.frozen_bn
+    else:
+        cfg = Config()
+        cfg.model.backbone = args.backbone
+        cfg.model.pretrained = False
+        cfg.model.backbone_weights = ""
+        cfg.model.hidden_dim = args.hidden
+        cfg.model.mask_dim = args.hidden
+        cfg.model.num_queries = args.queries
+        cfg.model.dec_layers = args.dec_layers
+        cfg.model.frozen_bn = not args.train_bn
+        cfg.loss.num_points = args.points
     cfg.device = args.device
     cfg.threads = args.threads
-    cfg.model.backbone = args.backbone
-    cfg.model.pretrained = False
-    cfg.model.backbone_weights = ""
-    cfg.model.hidden_dim = args.hidden
-    cfg.model.mask_dim = args.hidden
-    cfg.model.num_queries = args.queries
-    cfg.model.dec_layers = args.dec_layers
-    cfg.model.frozen_bn = not args.train_bn
     cfg.model.num_classes = NUM_CLASSES
-    cfg.loss.num_points = args.points
     cfg.solver.amp = args.amp
     cfg.solver.max_iters = 10**9  # the LR schedule stays in its first phase
-    cfg.distill.unsup_weight = args.unsup_weight
-    cfg.distill.ema_decay = args.ema_decay
+    if args.unsup_weight is not None:
+        cfg.distill.unsup_weight = args.unsup_weight
+    if args.ema_decay is not None:
+        cfg.distill.ema_decay = args.ema_decay
     return cfg
 
 
@@ -397,6 +416,8 @@ def run_profile(step: Step, batches: list, ubatches: list, args: argparse.Namesp
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.linear != "auto":
+        token_linear.ONEDNN_LINEAR = args.linear == "onednn"
     # As the trainer does, unless --system-malloc (the comparison in BENCHMARKS.md).
     malloc_tuned = False if args.system_malloc else keep_freed_memory()
     torch.manual_seed(args.seed)
@@ -452,7 +473,7 @@ def main(argv: list[str] | None = None) -> dict:
         "minor_faults_per_iter": int(statistics.median(faults)),
         "config": {
             k: getattr(args, k)
-            for k in ("backbone", "size", "batch", "iters", "warmup", "threads", "queries",
+            for k in ("config", "backbone", "size", "batch", "iters", "warmup", "threads", "queries",
                       "dec_layers", "points", "hidden", "train_bn", "amp", "device", "instances", "seed")
         },
         "torch": torch.__version__,
@@ -460,6 +481,7 @@ def main(argv: list[str] | None = None) -> dict:
         "load_avg": [round(x, 2) for x in os.getloadavg()],
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "malloc_keeps_freed_memory": malloc_tuned,
+        "onednn_linear": token_linear.ONEDNN_LINEAR,
     }
     if args.stage == "distill":
         result["pl_per_image_mean"] = round(statistics.fmean(step.pl_kept), 2)

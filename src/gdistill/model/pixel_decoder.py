@@ -3,7 +3,8 @@
 
 Deformable attention (Zhu et al., Deformable DETR) is written in pure PyTorch, so it runs on
 CPU and CUDA without compiled extensions: with ``F.grid_sample`` on CUDA and when traced or
-exported, with sparse CSR products on a CPU (``model/csr_sampling.py``).
+exported, with sparse CSR products on a CPU (``model/csr_sampling.py``). Its linears are
+``TokenLinear`` (``model/token_linear.py``): oneDNN instead of the BLAS on CPUs where that is faster.
 
 Differences from Mask2Former that do not change the computation: no padding masks (every
 location is valid, as in Mask2Former where the masks are all False), no dropout modules
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 
 from gdistill.model.csr_sampling import csr_sample
 from gdistill.model.position_encoding import PositionEmbeddingSine
+from gdistill.model.token_linear import TokenLinear
 
 SpatialShapes = Tensor | Sequence[tuple[int, int]]
 
@@ -196,10 +198,10 @@ class MSDeformAttn(nn.Module):
             n_heads,
             n_points,
         )
-        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
-        self.value_proj = nn.Linear(d_model, d_model)
-        self.output_proj = nn.Linear(d_model, d_model)
+        self.sampling_offsets = TokenLinear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = TokenLinear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = TokenLinear(d_model, d_model)
+        self.output_proj = TokenLinear(d_model, d_model)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -254,8 +256,8 @@ class DeformableEncoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.norm1 = nn.LayerNorm(d_model)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.linear1 = TokenLinear(d_model, dim_feedforward)
+        self.linear2 = TokenLinear(dim_feedforward, d_model)
         self.norm2 = nn.LayerNorm(d_model)
 
     def forward(

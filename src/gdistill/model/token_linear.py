@@ -1,0 +1,74 @@
+"""``nn.Linear`` over many tokens, through oneDNN on CPUs where the BLAS is slow at it.
+
+PyTorch's x86 CPU builds compute ``F.linear`` with MKL's sgemm. On AMD processors MKL runs a
+generic code path: 155-180 GFLOP/s on 2 cores of an AMD EPYC with AVX-512, where oneDNN runs the
+same product, written as a 1x1 convolution over a channels-last view of the tokens, at 230-390
+GFLOP/s (``benchmarks/token_linear.py``; BENCHMARKS.md). The pixel decoder's encoder is made of
+such products (every location of three feature levels is a token), so its linears are
+``TokenLinear``: an ``nn.Linear`` with the same parameters and state dict, whose forward takes the
+convolution route on such CPUs for inputs of at least ``MIN_ROWS`` tokens, and ``F.linear``
+everywhere else (CUDA, Intel CPUs, non-x86 builds, fewer tokens, other dtypes, tracing, ONNX
+export). Results equal ``F.linear``'s up to float32 rounding; the same inputs give the same bits.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Below this many rows oneDNN's set-up cost outweighs its faster kernel (measured: 256 tokens of
+# 128 -> 128 channels are slower through it, 400 of 256 -> 256 about equal, 3 200 faster).
+MIN_ROWS = 1024
+
+
+@functools.cache
+def _mkl_on_amd() -> bool:
+    """True on x86 AMD processors with a PyTorch that has both MKL (its BLAS) and oneDNN."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    if not (torch.backends.mkl.is_available() and torch.backends.mkldnn.is_available()):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "AuthenticAMD" in f.read(4096)  # the first processor's vendor_id
+    except OSError:
+        return False
+
+
+# Module-level switch: benchmarks and tests set it to compare or exercise both routes.
+ONEDNN_LINEAR = _mkl_on_amd()
+
+
+def onednn_route(x: Tensor, weight: Tensor) -> bool:
+    """Whether ``token_linear(x, weight, ...)`` goes through oneDNN."""
+    if not ONEDNN_LINEAR or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and x.dim() >= 2
+        and x.numel() >= MIN_ROWS * x.shape[-1] > 0
+    )
+
+
+def token_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, weight, bias)``: x [..., C_in], weight [C_out, C_in] -> [..., C_out]."""
+    if not onednn_route(x, weight):
+        return F.linear(x, weight, bias)
+    c_in, c_out = x.shape[-1], weight.shape[0]
+    # [rows, C_in] as a [1, C_in, rows, 1] image in channels-last layout: a view, no copy; the
+    # convolution's output comes back channels-last, i.e. as contiguous [rows, C_out].
+    image = x.reshape(1, -1, 1, c_in).permute(0, 3, 1, 2)
+    out = F.conv2d(image, weight[:, :, None, None], bias)
+    return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], c_out)
+
+
+class TokenLinear(nn.Linear):
+    """``nn.Linear`` whose forward is :func:`token_linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return token_linear(x, self.weight, self.bias)
