@@ -7,12 +7,14 @@ that a drifting machine affects both alike:
 - each distinct linear of one deformable encoder layer alone (value / output projections,
   sampling offsets, attention weights, the two FFN layers), forward + backward, in GFLOP/s;
 - the whole encoder layer (deformable attention included), forward + backward and no-grad forward;
-- the decoder's cross-attention of the queries over the stride-8 level (``MemoryAttention``: key
-  and value projections over the memory tokens), forward + backward.
+- the decoder's cross-attention of the queries over the stride-8 level (``TokenAttention``: its
+  projections, the key and value ones over the memory tokens), forward + backward;
+- the decoder's FFN over batch x queries tokens, forward + backward.
 
 Default shapes: the R50 reference step's student (256² crop, 2 labelled + 2 unlabelled images:
-4 × 1344 tokens of 256 channels, FFN 1024, 8 heads, 4 points, 100 queries). ``--size 160 --batch
-16 --dim 128 --ffn 512 --heads 4 --queries 32`` gives the demo preset's student in stage B.
+4 × 1344 tokens of 256 channels, FFN 1024, 8 heads, 4 points, 100 queries, decoder FFN 2048).
+``--size 160 --batch 16 --dim 128 --ffn 512 --heads 4 --queries 32 --dec-ffn 512`` gives the demo
+preset's student in stage B.
 
 Prints ONE JSON line with medians in ms (and GFLOP/s for the single linears), the largest
 difference between the two routes' layer outputs and gradients, and the CPU's vendor string.
@@ -32,7 +34,7 @@ import torch
 
 from gdistill.engine.allocator import keep_freed_memory
 from gdistill.model import token_linear
-from gdistill.model.decoder import MemoryAttention
+from gdistill.model.decoder import TokenAttention
 from gdistill.model.pixel_decoder import DeformableEncoderLayer, _reference_points
 
 ROUTES = ("onednn", "blas")
@@ -47,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--points", type=int, default=4)
     p.add_argument("--queries", type=int, default=100)
+    p.add_argument("--dec-ffn", type=int, default=2048, help="decoder FFN width")
     p.add_argument("--rounds", type=int, default=10, help="alternating rounds")
     p.add_argument("--repeat", type=int, default=5, help="calls timed together in a round")
     p.add_argument("--threads", type=int, default=2)
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
             report[f"layer_{route}_{what}_median_ms"] = round(statistics.median(values), 2)
             report[f"layer_{route}_{what}_min_ms"] = round(min(values), 2)
 
-    attn = MemoryAttention(args.dim, args.heads, dropout=0.0, batch_first=True)
+    attn = TokenAttention(args.dim, args.heads, dropout=0.0, batch_first=True)
     side = args.size // 8
     memory = torch.randn(args.batch, side * side, args.dim, requires_grad=True)
     query = torch.randn(args.batch, args.queries, args.dim, requires_grad=True)
@@ -136,7 +139,18 @@ def main(argv: list[str] | None = None) -> dict:
     times = timed(lambda: torch.autograd.grad(attn(query, memory, memory, mask), attn_inputs, attn_grad),
                   args.rounds, args.repeat)
     for route, values in times.items():
-        report[f"memory_attention_{route}_fwd_bwd_ms"] = round(statistics.median(values), 2)
+        report[f"cross_attention_{route}_fwd_bwd_ms"] = round(statistics.median(values), 2)
+
+    ffn = torch.nn.Sequential(
+        token_linear.TokenLinear(args.dim, args.dec_ffn), torch.nn.ReLU(),
+        token_linear.TokenLinear(args.dec_ffn, args.dim),
+    )
+    tgt = torch.randn(args.batch, args.queries, args.dim, requires_grad=True)
+    ffn_inputs = (tgt, *ffn.parameters())
+    times = timed(lambda: torch.autograd.grad(ffn(tgt), ffn_inputs, torch.ones_like(tgt)),
+                  args.rounds, args.repeat)
+    for route, values in times.items():
+        report[f"decoder_ffn_{route}_fwd_bwd_ms"] = round(statistics.median(values), 2)
 
     outs = {}
     for route in ROUTES:

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gdistill.model import token_linear as tl
-from gdistill.model.decoder import MemoryAttention
+from gdistill.model.decoder import TokenAttention
 from gdistill.model.pixel_decoder import DeformableEncoderLayer, _reference_points
 
 pytestmark = pytest.mark.skipif(
@@ -29,10 +29,10 @@ def _grads(fn, inputs, grad_out):
 
 def test_token_linear_equals_f_linear_with_gradients(route):
     torch.manual_seed(0)
-    x = torch.randn(3, 700, 24, requires_grad=True)  # 2 100 rows >= MIN_ROWS
-    weight = torch.randn(40, 24, requires_grad=True)
-    bias = torch.randn(40, requires_grad=True)
-    grad_out = torch.randn(3, 700, 40)
+    x = torch.randn(3, 700, 64, requires_grad=True)  # 2 100 x 64 x 80 >= MIN_MACS
+    weight = torch.randn(80, 64, requires_grad=True)
+    bias = torch.randn(80, requires_grad=True)
+    grad_out = torch.randn(3, 700, 80)
     route(True)
     assert tl.onednn_route(x, weight)
     got = _grads(lambda: tl.token_linear(x, weight, bias), (x, weight, bias), grad_out)
@@ -47,13 +47,15 @@ def test_token_linear_equals_f_linear_with_gradients(route):
 
 def test_token_linear_hand_computed_values(route):
     route(True)
-    x = torch.zeros(tl.MIN_ROWS, 2)
+    rows = -(-tl.MIN_MACS // 6)
+    x = torch.zeros(rows, 2)
     x[0] = torch.tensor([1.0, 2.0])
     x[-1] = torch.tensor([-3.0, 0.5])
     weight = torch.tensor([[1.0, 1.0], [2.0, -1.0], [0.0, 4.0]])
     bias = torch.tensor([0.5, 0.0, -1.0])
     out = tl.token_linear(x, weight, bias)
-    assert out.shape == (tl.MIN_ROWS, 3)
+    assert tl.onednn_route(x, weight)
+    assert out.shape == (rows, 3)
     assert out[0].tolist() == [3.5, 0.0, 7.0]
     assert out[-1].tolist() == [-2.0, -6.5, 1.0]
     assert out[1].tolist() == [0.5, 0.0, -1.0]
@@ -61,10 +63,10 @@ def test_token_linear_hand_computed_values(route):
 
 def test_route_is_taken_only_where_it_pays(route):
     weight = torch.randn(8, 16)
-    big = torch.randn(2, tl.MIN_ROWS // 2, 16)
+    big = torch.randn(2, -(-tl.MIN_MACS // (2 * 16 * 8)), 16)  # just MIN_MACS multiply-adds
     route(True)
     assert tl.onednn_route(big, weight)
-    assert not tl.onednn_route(big[:, :-1], weight)  # fewer than MIN_ROWS rows
+    assert not tl.onednn_route(big[:, :-1], weight)  # fewer
     assert not tl.onednn_route(big.double(), weight.double())
     route(False)
     assert not tl.onednn_route(big, weight)
@@ -92,10 +94,10 @@ def test_token_linear_module_keeps_nn_linear_state_dict():
     torch.testing.assert_close(layer(x), plain(x))
 
 
-def test_memory_attention_equals_multihead_attention_with_mask(route):
+def test_token_attention_equals_multihead_attention_with_mask(route):
     torch.manual_seed(2)
-    b, q, s, c, heads = 2, 6, 600, 16, 4
-    attn = MemoryAttention(c, heads, dropout=0.0, batch_first=True)
+    b, q, s, c, heads = 2, 6, 600, 96, 4  # key projection 1 200 x 96 x 96 >= MIN_MACS
+    attn = TokenAttention(c, heads, dropout=0.0, batch_first=True)
     reference = nn.MultiheadAttention(c, heads, dropout=0.0, batch_first=True)
     reference.load_state_dict(attn.state_dict())
     query = torch.randn(b, q, c, requires_grad=True)
@@ -118,11 +120,24 @@ def test_memory_attention_equals_multihead_attention_with_mask(route):
     assert torch.equal(attn(query, key, value, mask), want[0])
 
 
+def test_token_attention_self_attention_without_mask(route):
+    torch.manual_seed(4)
+    attn = TokenAttention(96, 4, dropout=0.0, batch_first=True)
+    reference = nn.MultiheadAttention(96, 4, dropout=0.0, batch_first=True)
+    reference.load_state_dict(attn.state_dict())
+    x = torch.randn(4, 300, 96)
+    route(True)
+    assert tl.onednn_route(x, attn.in_proj_weight[:96])
+    torch.testing.assert_close(
+        attn(x, x, x), reference(x, x, x, need_weights=False)[0], rtol=1e-4, atol=1e-4
+    )
+
+
 def test_encoder_layer_same_result_on_both_routes(route):
     torch.manual_seed(3)
     shapes = [(8, 8), (16, 16), (32, 32)]
-    layer = DeformableEncoderLayer(32, 64, 3, 4, 4)
-    src = torch.randn(1, sum(h * w for h, w in shapes), 32, requires_grad=True)
+    layer = DeformableEncoderLayer(96, 192, 3, 4, 4)  # value projection 1 344 x 96 x 96 MACs
+    src = torch.randn(1, sum(h * w for h, w in shapes), 96, requires_grad=True)
     pos = torch.randn_like(src)
     ref = _reference_points(shapes, 3, src.device)
     grad_out = torch.randn_like(src)
@@ -139,7 +154,7 @@ def test_encoder_layer_same_result_on_both_routes(route):
 def test_tracing_keeps_f_linear(route):
     route(True)
     layer = tl.TokenLinear(4, 3)
-    x = torch.randn(tl.MIN_ROWS, 4)
+    x = torch.randn(-(-tl.MIN_MACS // 12), 4)
     graph = torch.jit.trace(layer, (x,)).graph
     kinds = {node.kind() for node in graph.nodes()}
     assert "aten::linear" in kinds

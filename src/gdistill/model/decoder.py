@@ -7,19 +7,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gdistill.model.position_encoding import PositionEmbeddingSine
-from gdistill.model.token_linear import onednn_route, token_linear
+from gdistill.model.token_linear import TokenLinear, onednn_route, token_linear
 
 NUM_LEVELS = 3
 
 
 class MLP(nn.Module):
-    """``num_layers`` Linear layers with ReLU in between (none after the last)."""
+    """``num_layers`` (Token)Linear layers with ReLU in between (none after the last)."""
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> None:
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
         pairs = zip(dims[:-1], dims[1:], strict=True)
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in pairs)
+        self.layers = nn.ModuleList(TokenLinear(a, b) for a, b in pairs)
 
     def forward(self, x: Tensor) -> Tensor:
         for i, layer in enumerate(self.layers):
@@ -29,27 +29,29 @@ class MLP(nn.Module):
         return x
 
 
-class MemoryAttention(nn.MultiheadAttention):
-    """Batch-first ``nn.MultiheadAttention`` (same parameters and state dict) of few queries over
-    a large memory, returning only the output. Where ``token_linear`` takes its oneDNN route
-    (model/token_linear.py) the key and value projections over the memory tokens take it too,
-    and the attention is one ``scaled_dot_product_attention``; elsewhere this is
-    ``nn.MultiheadAttention`` itself."""
+class TokenAttention(nn.MultiheadAttention):
+    """Batch-first ``nn.MultiheadAttention`` (same parameters and state dict) that returns only
+    the output. Where ``token_linear`` takes its oneDNN route for the key projection
+    (model/token_linear.py), all four projections go through ``token_linear`` and the attention
+    is one ``scaled_dot_product_attention``; elsewhere this is ``nn.MultiheadAttention`` itself."""
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None) -> Tensor:
+    def forward(
+        self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None
+    ) -> Tensor:
         """query [B, Q, C]; key, value [B, S, C]; attn_mask bool [B*nheads, Q, S], True = may
         not attend (no row all True). Returns [B, Q, C]."""
-        if not onednn_route(key, self.in_proj_weight):
+        if not onednn_route(key, self.in_proj_weight[: self.embed_dim]):
             return super().forward(query, key, value, attn_mask=attn_mask, need_weights=False)[0]
         (b, q, c), s, h = query.shape, key.shape[1], self.num_heads
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        queries = F.linear(query, w_q, b_q).view(b, q, h, c // h).transpose(1, 2)
+        queries = token_linear(query, w_q, b_q).view(b, q, h, c // h).transpose(1, 2)
         keys = token_linear(key, w_k, b_k).view(b, s, h, c // h).transpose(1, 2)
         values = token_linear(value, w_v, b_v).view(b, s, h, c // h).transpose(1, 2)
         allowed = None if attn_mask is None else ~attn_mask.view(b, h, q, s)
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed)
-        return self.out_proj(out.transpose(1, 2).reshape(b, q, c))
+        out = out.transpose(1, 2).reshape(b, q, c)
+        return token_linear(out, self.out_proj.weight, self.out_proj.bias)
 
 
 class DecoderLayer(nn.Module):
@@ -60,12 +62,12 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, dim: int, nheads: int, dim_feedforward: int) -> None:
         super().__init__()
-        self.cross_attn = MemoryAttention(dim, nheads, dropout=0.0, batch_first=True)
+        self.cross_attn = TokenAttention(dim, nheads, dropout=0.0, batch_first=True)
         self.norm_cross = nn.LayerNorm(dim)
-        self.self_attn = nn.MultiheadAttention(dim, nheads, dropout=0.0, batch_first=True)
+        self.self_attn = TokenAttention(dim, nheads, dropout=0.0, batch_first=True)
         self.norm_self = nn.LayerNorm(dim)
-        self.linear1 = nn.Linear(dim, dim_feedforward)
-        self.linear2 = nn.Linear(dim_feedforward, dim)
+        self.linear1 = TokenLinear(dim, dim_feedforward)
+        self.linear2 = TokenLinear(dim_feedforward, dim)
         self.norm_ffn = nn.LayerNorm(dim)
         for p in self.parameters():
             if p.dim() > 1:
@@ -78,7 +80,7 @@ class DecoderLayer(nn.Module):
         attn_mask bool [B*nheads, Q, HW], True = may not attend."""
         tgt = self.norm_cross(tgt + self.cross_attn(tgt + query_pos, key, value, attn_mask))
         q = tgt + query_pos
-        tgt = self.norm_self(tgt + self.self_attn(q, q, tgt, need_weights=False)[0])
+        tgt = self.norm_self(tgt + self.self_attn(q, q, tgt))
         return self.norm_ffn(tgt + self.linear2(F.relu(self.linear1(tgt), inplace=True)))
 
 

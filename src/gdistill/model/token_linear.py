@@ -4,11 +4,12 @@ PyTorch's x86 CPU builds compute ``F.linear`` with MKL's sgemm. On AMD processor
 generic code path: 155-180 GFLOP/s on 2 cores of an AMD EPYC with AVX-512, where oneDNN runs the
 same product, written as a 1x1 convolution over a channels-last view of the tokens, at 230-390
 GFLOP/s (``benchmarks/token_linear.py``; BENCHMARKS.md). The pixel decoder's encoder is made of
-such products (every location of three feature levels is a token), so its linears are
-``TokenLinear``: an ``nn.Linear`` with the same parameters and state dict, whose forward takes the
-convolution route on such CPUs for inputs of at least ``MIN_ROWS`` tokens, and ``F.linear``
-everywhere else (CUDA, Intel CPUs, non-x86 builds, fewer tokens, other dtypes, tracing, ONNX
-export). Results equal ``F.linear``'s up to float32 rounding; the same inputs give the same bits.
+such products (every location of three feature levels is a token), and so are the decoder's
+projections and FFNs (batch x queries tokens). Their linears are ``TokenLinear``: an
+``nn.Linear`` with the same parameters and state dict, whose forward takes the convolution route
+on such CPUs for products of at least ``MIN_MACS`` multiply-adds, and ``F.linear`` everywhere else
+(CUDA, Intel CPUs, non-x86 builds, smaller products, other dtypes, tracing, ONNX export).
+Results equal ``F.linear``'s up to float32 rounding; the same inputs give the same bits.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Below this many rows oneDNN's set-up cost outweighs its faster kernel (measured: 256 tokens of
-# 128 -> 128 channels are slower through it, 400 of 256 -> 256 about equal, 3 200 faster).
-MIN_ROWS = 1024
+# Below this many multiply-adds (rows x C_in x C_out) oneDNN's set-up cost outweighs its faster
+# kernel. Measured forward + backward: 256 x 128 x 128 (4.2e6) 0.71x, 512 x 128 x 128 (8.4e6)
+# 0.92x, 800 x 128 x 128 (1.3e7) 1.15x, 400 x 256 x 256 (2.6e7) 1.22x, 400 x 256 x 2048 1.69x.
+MIN_MACS = 10_000_000
 
 
 @functools.cache
@@ -51,7 +53,8 @@ def onednn_route(x: Tensor, weight: Tensor) -> bool:
         x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and x.dim() >= 2
-        and x.numel() >= MIN_ROWS * x.shape[-1] > 0
+        and x.shape[-1] > 0
+        and x.numel() * weight.shape[0] >= MIN_MACS
     )
 
 
