@@ -504,3 +504,17 @@ def test_split_skip_invalid_annotations_lists_what_it_drops(capsys, tmp_path):
     assert "skipped invalid annotation" in err and str(bad_id) in err
     labelled = json.loads((tmp_path / "s" / "labelled.json").read_text())
     assert bad_id not in {a["id"] for a in labelled["annotations"]}
+
+
+def test_every_command_help_renders_its_text_as_written():
+    """argparse formats argument help with %, not descriptions: a literal '%%' there shows as is."""
+    import argparse
+
+    from gdistill.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        text = command.format_help()
+        assert "%%" not in text, name
+    assert "labels 10 % of it" in sub.choices["demo"].format_help().replace("\n", " ").replace("  ", " ")

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
         help="the embedded demo: teacher, then supervised vs standard vs guided burn-in",
-        description="Generates the synthetic dataset, labels 10 %% of it, trains a teacher, then "
+        description="Generates the synthetic dataset, labels 10 % of it, trains a teacher, then "
         "compares supervised-only training, distillation with standard burn-in and with guided "
         "burn-in on the same budget. Quick tier by default; --full for several seeds.",
     )
