@@ -25,7 +25,7 @@ class MLP(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < len(self.layers) - 1:
-                x = F.relu(x, inplace=True)  # x is a fresh Linear output
+                x = F.relu(x)  # not in place: see token_linear
         return x
 
 
@@ -81,7 +81,7 @@ class DecoderLayer(nn.Module):
         tgt = self.norm_cross(tgt + self.cross_attn(tgt + query_pos, key, value, attn_mask))
         q = tgt + query_pos
         tgt = self.norm_self(tgt + self.self_attn(q, q, tgt))
-        return self.norm_ffn(tgt + self.linear2(F.relu(self.linear1(tgt), inplace=True)))
+        return self.norm_ffn(tgt + self.linear2(F.relu(self.linear1(tgt))))
 
 
 class MaskedAttentionDecoder(nn.Module):

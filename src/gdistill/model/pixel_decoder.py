@@ -268,7 +268,8 @@ class DeformableEncoderLayer(nn.Module):
         spatial_shapes: Sequence[tuple[int, int]],
     ) -> Tensor:
         src = self.norm1(src + self.self_attn(src + pos, reference_points, src, spatial_shapes))
-        return self.norm2(src + self.linear2(F.relu(self.linear1(src), inplace=True)))
+        # relu not in place: see token_linear.
+        return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
