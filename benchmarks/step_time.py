@@ -7,6 +7,8 @@ on synthetic data: random uint8 images and ~5 random elliptical instance masks p
 input resolution (no dataset, no data loader; data creation is not timed).
 
 - ``--stage teacher``: stage A (labelled loss only).
+- ``--stage inference``: one forward in eval mode under ``no_grad`` of ``--batch`` images: what
+  evaluation, ``gdistill predict`` and the stage-B teacher do per batch.
 - ``--stage distill``: stage B in its EMA phase: EMA update of the teacher, teacher forward on the
   weak view (eval mode, no_grad), pseudo-labels, ONE student forward over [labelled; strong], both
   losses (unsup weight ``--unsup-weight``), backward, grad clipping, AdamW step.
@@ -63,7 +65,7 @@ GIB = 1024**3
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--stage", choices=("teacher", "distill"), default="teacher")
+    p.add_argument("--stage", choices=("teacher", "distill", "inference"), default="teacher")
     p.add_argument("--config", default="",
                    help="a preset name (e.g. demo) or YAML file: model, loss, solver, distill and "
                         "input sizes come from it, and --backbone/--size/--batch/--queries/"
@@ -247,6 +249,10 @@ class Step:
 
     def __call__(self, batch: dict, ubatch: dict | None) -> float:
         cfg, device, dist, phase = self.cfg, self.device, self.cfg.distill, self.phase
+        if self.args.stage == "inference":
+            with phase("inference"), torch.no_grad(), autocast_for(device, cfg.solver.amp):
+                images = images_to_model_input(batch["images"].to(device, non_blocking=True))
+                return self.student.eval()(images)["pred_masks"].float().mean().item()
         if self.teacher is not None:
             with phase("ema_update"):
                 ema_update(self.teacher, self.student, dist.ema_decay)

@@ -84,11 +84,13 @@ def test_empty_masks_are_not_fully_masked():
                               out["aux_outputs"][1]["pred_logits"][0])
 
 
+@pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("image", [0, 1])
-def test_queries_attend_only_inside_their_masks(image):
+def test_queries_attend_only_inside_their_masks(image, training):
     """One layer on level 1/32 (2x2 here). Image 0's masks cover the left half, image 1's the
-    right half: features outside an image's masks must not change its output."""
-    dec = make_decoder(dec_layers=1)
+    right half: features outside an image's masks must not change its output. In eval mode the
+    attention masks come from mask features resized to the level, not from resized masks."""
+    dec = make_decoder(dec_layers=1).train(training)
     dec.mask_embed = ConstEmbed()
     multi, _ = make_inputs()
     mf = -torch.ones(2, MASK_DIM, 16, 16)
@@ -107,6 +109,17 @@ def test_queries_attend_only_inside_their_masks(image):
     out3 = dec(changed, mf)["pred_logits"]
     assert not torch.allclose(out3[image], out[image])
     torch.testing.assert_close(out3[1 - image], out[1 - image])  # images stay independent
+
+
+def test_eval_mode_gives_the_training_outputs_without_deep_supervision():
+    dec = make_decoder(dec_layers=4)
+    multi, mf = make_inputs(size=128)  # levels 4x4, 8x8, 16x16; masks 32x32
+    trained = dec(multi, mf)
+    with torch.no_grad():
+        evaluated = dec.eval()(multi, mf)
+    assert evaluated["aux_outputs"] == []
+    torch.testing.assert_close(evaluated["pred_logits"], trained["pred_logits"])
+    torch.testing.assert_close(evaluated["pred_masks"], trained["pred_masks"])
 
 
 def test_layers_cycle_through_levels():

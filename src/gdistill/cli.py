@@ -297,8 +297,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         metrics = evaluate_results_file(args.annotations, args.predictions, per_class=True)
         what = str(args.predictions)
     else:
+        from gdistill.engine.allocator import keep_freed_memory
         from gdistill.inference import evaluate_checkpoint
 
+        keep_freed_memory()
         if args.images is None:
             raise GdistillError("eval --weights needs --images (the image root of --annotations)")
         metrics = evaluate_checkpoint(
@@ -314,8 +316,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    from gdistill.engine.allocator import keep_freed_memory
     from gdistill.predict import predict_to_folder
 
+    keep_freed_memory()  # as in training: reuse the per-batch activations' memory
     done = predict_to_folder(
         args.weights,
         args.input,

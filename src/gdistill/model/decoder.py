@@ -89,7 +89,7 @@ class MaskedAttentionDecoder(nn.Module):
 
     Predictions (class logits and mask logits) are made from the learnable queries before the
     first layer and after every layer: ``dec_layers + 1`` sets. The last is the output, the
-    others are ``aux_outputs`` in order. Layer i attends to level ``i % 3`` only where
+    others are ``aux_outputs`` in order (in training mode only). Layer i attends to level ``i % 3`` only where
     prediction i's mask (bilinearly resized to that level) has sigmoid >= 0.5; a query whose
     mask is empty at that level attends everywhere.
     """
@@ -127,7 +127,8 @@ class MaskedAttentionDecoder(nn.Module):
     def forward(self, multi_scale: list[Tensor], mask_features: Tensor) -> dict:
         """multi_scale: 3 maps [B, C, h_l, w_l] ordered 1/32, 1/16, 1/8; mask_features
         [B, mask_dim, H/4, W/4]. Returns ``{"pred_logits": [B, Q, K+1], "pred_masks":
-        [B, Q, H/4, W/4], "aux_outputs": [{"pred_logits", "pred_masks"}] * dec_layers}``."""
+        [B, Q, H/4, W/4], "aux_outputs": [{"pred_logits", "pred_masks"}] * dec_layers}``;
+        ``aux_outputs`` (deep supervision) is empty in eval mode."""
         if len(multi_scale) != NUM_LEVELS:
             raise ValueError(f"expected {NUM_LEVELS} feature levels, got {len(multi_scale)}")
         batch = mask_features.shape[0]
@@ -143,23 +144,29 @@ class MaskedAttentionDecoder(nn.Module):
         query_pos = self.query_embed.weight.unsqueeze(0).expand(batch, -1, -1)
         tgt = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)
 
-        predictions = []
-        target_size = sizes[0] if self.layers else None
-        logits, masks, attn_mask = self._predict(tgt, mask_features, target_size)
-        predictions.append((logits, masks))
+        # Deep supervision (training) needs every layer's full-resolution masks. Without it, a
+        # layer's attention mask is computed at its level's size directly: bilinear resizing is
+        # linear, so resizing the mask features instead of the mask logits gives the same logits.
+        resized_features = {}
+        if not self.training:
+            resized_features = {
+                size: F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
+                for size in set(sizes)
+            }
+        aux = []
         for i, layer in enumerate(self.layers):
-            lvl = i % NUM_LEVELS
-            tgt = layer(tgt, query_pos, keys[lvl], values[lvl], attn_mask)
-            next_size = sizes[(i + 1) % NUM_LEVELS] if i + 1 < len(self.layers) else None
-            logits, masks, attn_mask = self._predict(tgt, mask_features, next_size)
-            predictions.append((logits, masks))
-
-        *aux, (logits, masks) = predictions
-        return {
-            "pred_logits": logits,
-            "pred_masks": masks,
-            "aux_outputs": [{"pred_logits": a, "pred_masks": b} for a, b in aux],
-        }
+            size = sizes[i % NUM_LEVELS]
+            if self.training:
+                logits, masks, attn_mask = self._predict(tgt, mask_features, size)
+                aux.append({"pred_logits": logits, "pred_masks": masks})
+            else:
+                embed = self.mask_embed(self.decoder_norm(tgt))
+                attn_mask = self._attention_mask(
+                    torch.einsum("bqc,bchw->bqhw", embed, resized_features[size])
+                )
+            tgt = layer(tgt, query_pos, keys[i % NUM_LEVELS], values[i % NUM_LEVELS], attn_mask)
+        logits, masks, _ = self._predict(tgt, mask_features, None)
+        return {"pred_logits": logits, "pred_masks": masks, "aux_outputs": aux}
 
     def _predict(
         self, tgt: Tensor, mask_features: Tensor, attn_size: tuple[int, int] | None
@@ -174,7 +181,11 @@ class MaskedAttentionDecoder(nn.Module):
             return logits, masks, None
         with torch.no_grad():
             resized = F.interpolate(masks, size=attn_size, mode="bilinear", align_corners=False)
-            blocked = (resized < 0).flatten(2)  # sigmoid < 0.5  <=>  logit < 0
-            blocked &= ~blocked.all(-1, keepdim=True)  # empty masks: attend everywhere
-            attn_mask = blocked.repeat_interleave(self.nheads, dim=0)
-        return logits, masks, attn_mask
+        return logits, masks, self._attention_mask(resized)
+
+    @torch.no_grad()
+    def _attention_mask(self, mask_logits: Tensor) -> Tensor:
+        """Mask logits [B, Q, h, w] at a level's size → bool [B*nheads, Q, h*w], True = blocked."""
+        blocked = (mask_logits < 0).flatten(2)  # sigmoid < 0.5  <=>  logit < 0
+        blocked &= ~blocked.all(-1, keepdim=True)  # empty masks: attend everywhere
+        return blocked.repeat_interleave(self.nheads, dim=0)
