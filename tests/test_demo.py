@@ -26,6 +26,10 @@ def test_tiny_demo_writes_results_plot_and_pictures(tmp_path, capsys):
     for arm in ("standard_burnin", "guided_burnin"):
         assert len(saved["per_seed"]["0"][arm]["pl_precision"]) == 2
     assert "pl_precision" not in saved["per_seed"]["0"]["supervised"]
+    # ... and their EMA teacher's final AP; the supervised arm has no teacher
+    assert saved["supervised"]["teacher_AP"] is None
+    for arm in ("standard_burnin", "guided_burnin"):
+        assert 0.0 <= saved[arm]["teacher_AP"] <= 100.0
     assert saved["tier"]["name"] == "tiny" and saved["tier"]["seeds"] == [0]
     assert (tmp_path / "demo_curves.png").stat().st_size > 5000
     assert (tmp_path / "seed0" / "split" / "labelled.json").is_file()
@@ -36,15 +40,20 @@ def test_tiny_demo_writes_results_plot_and_pictures(tmp_path, capsys):
 def test_demo_table_shows_spread_over_seeds():
     result = {
         "teacher": {"AP": 20.0},
-        "supervised": {"AP": 21.0, "AP50": 40.0, "AP75": 20.0, "AP_std": 0.0},
-        "standard_burnin": {"AP": 22.5, "AP50": 41.0, "AP75": 21.0, "AP_std": 0.7},
-        "guided_burnin": {"AP": 26.25, "AP50": 45.0, "AP75": 25.0, "AP_std": 1.2},
+        "supervised": {"AP": 21.0, "AP50": 40.0, "AP75": 20.0, "AP_std": 0.0, "teacher_AP": None},
+        "standard_burnin": {"AP": 22.5, "AP50": 41.0, "AP75": 21.0, "AP_std": 0.7,
+                            "teacher_AP": 23.04},
+        "guided_burnin": {"AP": 26.25, "AP50": 45.0, "AP75": 25.0, "AP_std": 1.2,
+                          "teacher_AP": 27.96},
         "tier": {"name": "full", "seeds": [0, 1, 2]},
         "minutes": 12.0,
     }
     table = format_demo_table(result)
     assert "26.2±1.2" in table or "26.3±1.2" in table
     assert "22.5±0.7" in table and "21.0 " in table
+    rows = {line.split()[0]: line.split() for line in table.splitlines()}
+    assert rows["supervised"][-1] == "-"
+    assert rows["standard_burnin"][-1] == "23.0" and rows["guided_burnin"][-1] == "28.0"
 
 
 def test_demo_command_rejects_unknown_override(capsys, tmp_path):
