@@ -89,9 +89,9 @@ class MaskedAttentionDecoder(nn.Module):
 
     Predictions (class logits and mask logits) are made from the learnable queries before the
     first layer and after every layer: ``dec_layers + 1`` sets. The last is the output, the
-    others are ``aux_outputs`` in order (in training mode only). Layer i attends to level ``i % 3`` only where
-    prediction i's mask (bilinearly resized to that level) has sigmoid >= 0.5; a query whose
-    mask is empty at that level attends everywhere.
+    others are ``aux_outputs`` in order (training mode only). Layer i attends to level ``i % 3``
+    only where prediction i's mask (bilinearly resized to that level) has sigmoid >= 0.5; a query
+    whose mask is empty at that level attends everywhere.
     """
 
     def __init__(
