@@ -149,10 +149,11 @@ class MaskedAttentionDecoder(nn.Module):
         # linear, so resizing the mask features instead of the mask logits gives the same logits.
         resized_features = {}
         if not self.training:
-            resized_features = {
-                size: F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
-                for size in set(sizes)
-            }
+            with torch.no_grad():
+                resized_features = {
+                    size: F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
+                    for size in set(sizes)
+                }
         aux = []
         for i, layer in enumerate(self.layers):
             size = sizes[i % NUM_LEVELS]
@@ -160,10 +161,10 @@ class MaskedAttentionDecoder(nn.Module):
                 logits, masks, attn_mask = self._predict(tgt, mask_features, size)
                 aux.append({"pred_logits": logits, "pred_masks": masks})
             else:
-                embed = self.mask_embed(self.decoder_norm(tgt))
-                attn_mask = self._attention_mask(
-                    torch.einsum("bqc,bchw->bqhw", embed, resized_features[size])
-                )
+                with torch.no_grad():  # only the attention mask comes from it
+                    embed = self.mask_embed(self.decoder_norm(tgt))
+                    logits = torch.einsum("bqc,bchw->bqhw", embed, resized_features[size])
+                attn_mask = self._attention_mask(logits)
             tgt = layer(tgt, query_pos, keys[i % NUM_LEVELS], values[i % NUM_LEVELS], attn_mask)
         logits, masks, _ = self._predict(tgt, mask_features, None)
         return {"pred_logits": logits, "pred_masks": masks, "aux_outputs": aux}
