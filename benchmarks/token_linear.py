@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         float((a - b).abs().max()) for a, b in zip(outs["onednn"], outs["blas"], strict=True)
     )
     report.update(config=vars(args), tokens=rows, cpu=cpu_vendor(), torch=torch.__version__,
-                  auto_route=token_linear._mkl_on_amd())
+                  auto_route=token_linear._route_for_this_machine())
     print(json.dumps(report))
     return report
 

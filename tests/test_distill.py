@@ -142,3 +142,26 @@ def test_precision_recall_on_hand_made_case():
     # at 0.85 only the two first remain: one TP (exact), one duplicate
     assert s["pl_precision@0.85"] == pytest.approx(1 / 2) and s["pl_recall@0.85"] == pytest.approx(0.5)
     assert not math.isnan(s["pl_precision@0.5"])
+
+
+def test_recall_by_object_size_uses_coco_area_ranges():
+    gt = torch.zeros(3, 100, 100, dtype=torch.bool)
+    gt[0, :10, :10] = True  # 100 px: small (< 32²)
+    gt[1, :40, 50:90] = True  # 1600 px: medium
+    gt[2] = True  # 10 000 px: large (>= 96²)
+    gt_labels = torch.tensor([0, 1, 2])
+    pred = gt.clone()
+    labels = torch.tensor([0, 2, 2])  # the medium object gets the wrong class
+    scores = torch.tensor([0.9, 0.9, 0.6])
+    quality = PseudoLabelQuality([0.5, 0.7])
+    quality.update(labels, pred, scores, gt_labels, gt)
+    s = quality.summary()
+    assert (s["pl_recall_small@0.5"], s["pl_recall_medium@0.5"], s["pl_recall_large@0.5"]) == (1, 0, 1)
+    assert (s["pl_recall_small@0.7"], s["pl_recall_medium@0.7"], s["pl_recall_large@0.7"]) == (1, 0, 0)
+    assert s["pl_recall@0.5"] == pytest.approx(2 / 3)
+    # another shard with one more small object, missed: merged counts
+    other = PseudoLabelQuality([0.5, 0.7])
+    other.update(labels[:0], pred[:0], scores[:0], gt_labels[:1], gt[:1])
+    assert other.summary()["pl_recall_large@0.5"] is None  # no large object in its ground truth
+    quality.merge(other)
+    assert quality.summary()["pl_recall_small@0.5"] == pytest.approx(1 / 2)

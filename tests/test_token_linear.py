@@ -72,6 +72,14 @@ def test_route_is_taken_only_where_it_pays(route):
     assert not tl.onednn_route(big, weight)
 
 
+def test_route_is_chosen_by_vendor_and_vector_width():
+    # AVX-512 AMD: oneDNN 1.3-1.9x faster; AVX2-only AMD (Zen 3): MKL faster; Intel: MKL.
+    assert tl.onednn_pays_off(True, "AVX512")
+    assert not tl.onednn_pays_off(True, "AVX2")
+    assert not tl.onednn_pays_off(True, "DEFAULT")
+    assert not tl.onednn_pays_off(False, "AVX512")
+
+
 def test_route_is_bitwise_repeatable(route):
     route(True)
     torch.manual_seed(1)

@@ -151,6 +151,9 @@ def _fake_distill_run(run):
         for t in (0.5, 0.7):
             row[f"teacher_pl_precision@{t:g}"] = t + step / 1000
             row[f"teacher_pl_recall@{t:g}"] = 1 - t
+            row[f"teacher_pl_recall_small@{t:g}"] = 0.25
+            row[f"teacher_pl_recall_medium@{t:g}"] = 0.5
+            row[f"teacher_pl_recall_large@{t:g}"] = "None"  # no large object in the ground truth
         evals.append(row)
     evals[1]["student_AP"] = 18.0  # the best (20.0) is not the last
     _write_csv(run / "eval.csv", evals)
@@ -201,6 +204,7 @@ def test_report_command_on_a_run_without_checkpoint(tmp_path, capsys):
     assert "| final teacher AP | 25.00 (iteration 200) |" in summary
     # distill.score_threshold is 0.7 by default: precision 0.7 + 0.2, recall 0.3.
     assert "| pseudo-label precision / recall at score > 0.7 | 0.900 / 0.300 (teacher" in summary
+    assert "| pseudo-label recall by object size at score > 0.7 | small 0.250, medium 0.500 |" in summary
     for name in ("losses", "ap", "pseudo_labels", "pseudo_label_quality"):
         assert f"![{name}]({name}.png)" in summary
         assert _png(report / f"{name}.png").std() > 5

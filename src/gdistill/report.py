@@ -204,6 +204,17 @@ def _summary(
                     f"{precision[0]:.3f} / {recall[0]:.3f} ({who}, iteration {precision[1]})",
                 )
             )
+        by_size = [
+            (name, _last_finite(evals, f"{who}_pl_recall_{name}@{t:g}"))
+            for name in ("small", "medium", "large")
+        ]
+        if any(found for _, found in by_size):
+            rows.append(
+                (
+                    f"pseudo-label recall by object size at score > {t:g}",
+                    ", ".join(f"{name} {found[0]:.3f}" for name, found in by_size if found),
+                )
+            )
     lines = [f"# Run report: {run_dir.name}", ""]
     if rows:
         lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]

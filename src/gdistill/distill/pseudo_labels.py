@@ -92,6 +92,31 @@ def mask_iou(a: Tensor, b: Tensor) -> Tensor:
     return inter / union.clamp(min=1.0)
 
 
+def matched_ground_truth(
+    pred_labels: Tensor,
+    pred_masks: Tensor,
+    pred_scores: Tensor,
+    gt_labels: Tensor,
+    gt_masks: Tensor,
+    iou_threshold: float = 0.5,
+) -> Tensor:
+    """Greedy matching by descending score: a prediction is correct when it has the right class
+    and IoU >= ``iou_threshold`` with a ground-truth mask not matched before. Returns bool [G]:
+    which ground-truth objects a correct prediction found."""
+    matched = torch.zeros(len(gt_labels), dtype=torch.bool)
+    if len(pred_labels) == 0 or len(gt_labels) == 0:
+        return matched
+    ious = mask_iou(pred_masks, gt_masks)
+    ious[pred_labels[:, None] != gt_labels[None, :]] = -1.0
+    for p in pred_scores.argsort(descending=True).tolist():
+        row = ious[p].clone()
+        row[matched] = -1.0
+        best = int(row.argmax())
+        if row[best] >= iou_threshold:
+            matched[best] = True
+    return matched
+
+
 def count_true_positives(
     pred_labels: Tensor,
     pred_masks: Tensor,
@@ -100,26 +125,20 @@ def count_true_positives(
     gt_masks: Tensor,
     iou_threshold: float = 0.5,
 ) -> int:
-    """Greedy matching by descending score: a prediction is correct when it has the right class
-    and IoU >= ``iou_threshold`` with a ground-truth mask not matched before."""
-    if len(pred_labels) == 0 or len(gt_labels) == 0:
-        return 0
-    ious = mask_iou(pred_masks, gt_masks)
-    ious[pred_labels[:, None] != gt_labels[None, :]] = -1.0
-    matched = torch.zeros(len(gt_labels), dtype=torch.bool)
-    tp = 0
-    for p in pred_scores.argsort(descending=True).tolist():
-        row = ious[p].clone()
-        row[matched] = -1.0
-        best = int(row.argmax())
-        if row[best] >= iou_threshold:
-            matched[best] = True
-            tp += 1
-    return tp
+    """Number of correct predictions (see ``matched_ground_truth``)."""
+    matched = matched_ground_truth(
+        pred_labels, pred_masks, pred_scores, gt_labels, gt_masks, iou_threshold
+    )
+    return int(matched.sum())
+
+
+# COCO's object-size ranges (area in pixels of the original image), as in APs / APm / APl.
+SIZE_RANGES = (("small", 0.0, 32.0**2), ("medium", 32.0**2, 96.0**2), ("large", 96.0**2, float("inf")))
 
 
 class PseudoLabelQuality:
-    """Accumulates pseudo-label precision and recall against ground truth at several thresholds."""
+    """Accumulates pseudo-label precision and recall against ground truth at several thresholds,
+    and the recall per COCO object size (small / medium / large ground-truth objects)."""
 
     def __init__(self, thresholds: Sequence[float], iou_threshold: float = 0.5) -> None:
         self.thresholds = [float(t) for t in thresholds]
@@ -127,6 +146,8 @@ class PseudoLabelQuality:
         self.tp = [0] * len(self.thresholds)
         self.num_pred = [0] * len(self.thresholds)
         self.num_gt = 0
+        self.num_gt_by_size = [0] * len(SIZE_RANGES)
+        self.found_by_size = [[0] * len(SIZE_RANGES) for _ in self.thresholds]
 
     def update(
         self,
@@ -137,25 +158,44 @@ class PseudoLabelQuality:
         gt_masks: Tensor,
     ) -> None:
         """One image: every candidate pseudo-label (already area-filtered) with its score; the
-        threshold sweep keeps those with score > t."""
+        threshold sweep keeps those with score > t. Masks at the original image size."""
         self.num_gt += len(gt_labels)
+        areas = gt_masks.flatten(1).sum(1).float() if len(gt_labels) else torch.zeros(0)
+        size_of = [(areas >= lo) & (areas < hi) for _, lo, hi in SIZE_RANGES]
+        for s, in_range in enumerate(size_of):
+            self.num_gt_by_size[s] += int(in_range.sum())
         for i, t in enumerate(self.thresholds):
             keep = scores > t
             self.num_pred[i] += int(keep.sum())
-            self.tp[i] += count_true_positives(
+            matched = matched_ground_truth(
                 labels[keep], masks[keep], scores[keep], gt_labels, gt_masks, self.iou_threshold
             )
+            self.tp[i] += int(matched.sum())
+            for s, in_range in enumerate(size_of):
+                self.found_by_size[i][s] += int((matched & in_range).sum())
 
     def merge(self, other: PseudoLabelQuality) -> None:
         """Add the counts of another accumulator (another process's shard)."""
         self.tp = [a + b for a, b in zip(self.tp, other.tp, strict=True)]
         self.num_pred = [a + b for a, b in zip(self.num_pred, other.num_pred, strict=True)]
         self.num_gt += other.num_gt
+        self.num_gt_by_size = [
+            a + b for a, b in zip(self.num_gt_by_size, other.num_gt_by_size, strict=True)
+        ]
+        self.found_by_size = [
+            [a + b for a, b in zip(mine, theirs, strict=True)]
+            for mine, theirs in zip(self.found_by_size, other.found_by_size, strict=True)
+        ]
 
-    def summary(self) -> dict[str, float]:
-        """``{"pl_precision@0.7": .., "pl_recall@0.7": ..}`` for each t."""
-        out = {}
-        for t, tp, n in zip(self.thresholds, self.tp, self.num_pred, strict=True):
+    def summary(self) -> dict[str, float | None]:
+        """``{"pl_precision@0.7": .., "pl_recall@0.7": .., "pl_recall_small@0.7": .., ...}`` for
+        each t; a size's recall is None when the ground truth has no object of that size."""
+        out: dict[str, float | None] = {}
+        for i, (t, tp, n) in enumerate(zip(self.thresholds, self.tp, self.num_pred, strict=True)):
             out[f"pl_precision@{t:g}"] = tp / n if n else 0.0
             out[f"pl_recall@{t:g}"] = tp / self.num_gt if self.num_gt else 0.0
+            for (name, _, _), found, total in zip(
+                SIZE_RANGES, self.found_by_size[i], self.num_gt_by_size, strict=True
+            ):
+                out[f"pl_recall_{name}@{t:g}"] = found / total if total else None
         return out
