@@ -121,6 +121,7 @@ def test_distill_logs_pseudo_label_statistics(tiny_data, stage_a, tmp_path):
         assert column in header
     eval_header = (out / "eval.csv").read_text().splitlines()[0].split(",")
     assert "teacher_pl_precision@0.7" in eval_header and "student_AP" in eval_header
+    assert {f"teacher_pl_recall_{size}@0.7" for size in ("small", "medium", "large")} <= set(eval_header)
     assert "teacher_AP" in result and "student_AP" in result
 
 
