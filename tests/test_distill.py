@@ -6,7 +6,7 @@ import torch
 from gdistill.distill.ema import ema_update
 from gdistill.distill.pseudo_labels import (
     PseudoLabelQuality,
-    count_true_positives,
+    matched_ground_truth,
     pseudo_labels_from_teacher,
 )
 from gdistill.distill.schedule import teacher_decay_for_step, unsupervised_loss_active
@@ -134,7 +134,7 @@ def test_precision_recall_on_hand_made_case():
     pred[3, 5:, 6:] = True  # IoU 0.8 with gt 1, right class -> TP (score 0.6)
     labels = torch.tensor([0, 0, 0, 1])
     scores = torch.tensor([0.95, 0.9, 0.8, 0.6])
-    assert count_true_positives(labels, pred, scores, gt_labels, gt) == 2
+    assert matched_ground_truth(labels, pred, scores, gt_labels, gt).tolist() == [True, True]
     quality = PseudoLabelQuality([0.5, 0.85])
     quality.update(labels, pred, scores, gt_labels, gt)
     s = quality.summary()

@@ -117,21 +117,6 @@ def matched_ground_truth(
     return matched
 
 
-def count_true_positives(
-    pred_labels: Tensor,
-    pred_masks: Tensor,
-    pred_scores: Tensor,
-    gt_labels: Tensor,
-    gt_masks: Tensor,
-    iou_threshold: float = 0.5,
-) -> int:
-    """Number of correct predictions (see ``matched_ground_truth``)."""
-    matched = matched_ground_truth(
-        pred_labels, pred_masks, pred_scores, gt_labels, gt_masks, iou_threshold
-    )
-    return int(matched.sum())
-
-
 # COCO's object-size ranges (area in pixels of the original image), as in APs / APm / APl.
 SIZE_RANGES = (("small", 0.0, 32.0**2), ("medium", 32.0**2, 96.0**2), ("large", 96.0**2, float("inf")))
 
