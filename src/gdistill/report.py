@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from gdistill.config import Config, config_from_dict, load_config
+from gdistill.distill.pseudo_labels import SIZE_RANGES
 from gdistill.engine.checkpoint import load_checkpoint
 from gdistill.engine.evaluate import validation_picture
 from gdistill.errors import GdistillError
@@ -206,7 +207,7 @@ def _summary(
             )
         by_size = [
             (name, _last_finite(evals, f"{who}_pl_recall_{name}@{t:g}"))
-            for name in ("small", "medium", "large")
+            for name, _, _ in SIZE_RANGES
         ]
         if any(found for _, found in by_size):
             rows.append(
