@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader
 from gdistill.data.coco import load_coco, load_targets
 from gdistill.data.loader import EvalDataset, collate_eval
 from gdistill.distill.pseudo_labels import mask_iou
+from gdistill.engine.evaluate import predict_batches
 from gdistill.inference import load_model
-from gdistill.model.mask2former import images_to_model_input
 
 
 def object_rows(model, loader, dataset, score_threshold: float, min_area: float) -> list[dict]:
@@ -42,8 +42,7 @@ def object_rows(model, loader, dataset, score_threshold: float, min_area: float)
     images_by_id = {img.id: img for img in dataset.images}
     rows = []
     with torch.no_grad():
-        for batch in loader:
-            out = model(images_to_model_input(batch["images"]))
+        for batch, out, _ in predict_batches(model, loader, torch.device("cpu")):
             for i, image_id in enumerate(batch["image_ids"]):
                 logits, mask_logits = out["pred_logits"][i].float(), out["pred_masks"][i].float()
                 no_object = logits.shape[-1] - 1
@@ -121,7 +120,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     predictor = load_model(args.weights, args.model, "cpu")
-    predictor.model.eval()
     dataset = load_coco(args.annotations)
     cfg = predictor.cfg
     loader = DataLoader(
