@@ -15,6 +15,7 @@ def test_defaults_are_the_papers():
     assert cfg.distill.unsup_weight == 2.0 and cfg.distill.score_threshold == 0.7
     assert cfg.distill.ema_decay == 0.9996 and cfg.distill.burn_in == "guided"
     assert cfg.data.scale_range == (0.1, 2.0)
+    assert cfg.solver.ema_decay == 0.0  # stage A keeps no moving average unless asked
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -53,6 +54,10 @@ def test_wrong_types_and_values():
         load_config(None, ["distill.burn_in=sometimes"])
     with pytest.raises(GdistillError, match="not of the form key=value"):
         apply_overrides(Config(), ["solver.max_iters"])
+    with pytest.raises(GdistillError, match=r"'solver.ema_decay' must be in \[0, 1\], got 1.5"):
+        load_config(None, ["solver.ema_decay=1.5"])
+    with pytest.raises(GdistillError, match="'solver.ema_start' must be >= 0, got -1"):
+        load_config(None, ["solver.ema_start=-1"])
 
 
 def test_malformed_yaml(tmp_path):

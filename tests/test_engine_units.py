@@ -81,3 +81,16 @@ def test_keep_freed_memory_on_glibc_unless_the_user_set_malloc(monkeypatch):
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
     monkeypatch.setenv("GDISTILL_SYSTEM_MALLOC", "1")
     assert keep_freed_memory() is False
+
+
+def test_metrics_log_adds_columns_and_truncates_on_resume(tmp_path):
+    from gdistill.engine.trainer import MetricsLog
+
+    path = tmp_path / "eval.csv"
+    log = MetricsLog(path)
+    log.write({"step": 1, "a": 0.5})
+    log.write({"step": 2, "a": 0.25, "b": 3})  # a column appears: earlier rows are empty there
+    log.write({"step": 3, "b": 4})
+    assert path.read_text().splitlines() == ["step,a,b", "1,0.5,", "2,0.25,3", "3,,4"]
+    MetricsLog(path, resume_step=2).write({"step": 3, "a": 1.0, "b": 5})
+    assert path.read_text().splitlines() == ["step,a,b", "1,0.5,", "2,0.25,3", "3,1,5"]

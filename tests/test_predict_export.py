@@ -313,3 +313,19 @@ def test_validation_picture_of_an_in_memory_model_keeps_train_mode(checkpoint, s
     assert model.training
     with Image.open(path) as grid:
         assert grid.size == (2 * 160 + 3 * 4, 24 + 160 + 4)
+
+
+def test_load_model_picks_the_ema_model_or_says_there_is_none(checkpoint, tmp_path):
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    with pytest.raises(GdistillError, match=r"best.pt: has no EMA model .*solver.ema_decay"):
+        load_model(checkpoint, "ema", device="cpu")
+    with pytest.raises(GdistillError, match=r"best.pt: has no teacher"):
+        load_model(checkpoint, "teacher", device="cpu")
+    with pytest.raises(GdistillError, match="--model must be one of student, teacher, ema"):
+        load_model(checkpoint, "average", device="cpu")
+    payload["ema"] = {k: v + 1 if v.is_floating_point() else v for k, v in payload["model"].items()}
+    with_ema = tmp_path / "with_ema.pt"
+    save_checkpoint(payload, with_ema)
+    ema = load_model(with_ema, "ema", device="cpu")
+    assert all(torch.equal(v, payload["ema"][k]) for k, v in ema.model.state_dict().items())
+    assert ema.model.state_dict().keys() == payload["ema"].keys()

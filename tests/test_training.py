@@ -111,6 +111,49 @@ def test_resume_is_exact_across_the_handover(tiny_data, stage_a, tmp_path):
     assert _equal(_weights(resumed, "teacher"), _weights(full, "teacher"))
 
 
+def _stage_a_with_ema(tiny_data, stage_a, out, max_iters, extra=()):
+    cfg = load_config("demo", [
+        *TINY, f"solver.max_iters={max_iters}", "eval_period=0", "checkpoint_period=3",
+        "solver.ema_decay=0.5", "solver.ema_start=2", *extra,
+    ])
+    result = train(cfg, out, tiny_data, init_weights=stage_a / "best.pt", progress=False)
+    return result, load_checkpoint(out / "last.pt")
+
+
+def test_stage_a_ema_model_copy_then_average_and_resume(tiny_data, stage_a, tmp_path):
+    start = _weights(load_checkpoint(stage_a / "best.pt"), "model")
+    # Before solver.ema_start the average is the initial model, untouched by training.
+    _, two = _stage_a_with_ema(tiny_data, stage_a, tmp_path / "two", max_iters=2)
+    assert _equal(_weights(two, "ema"), start) and not _equal(_weights(two, "model"), start)
+    # Before step 2 it becomes a copy of the model after 2 steps (same seed and data as "two").
+    _, three = _stage_a_with_ema(tiny_data, stage_a, tmp_path / "three", max_iters=3)
+    assert _equal(_weights(three, "ema"), _weights(two, "model"))
+    # Before step 3: 0.5 * average + 0.5 * model after 3 steps; integer buffers are copied.
+    result, four = _stage_a_with_ema(tiny_data, stage_a, tmp_path / "four", max_iters=4,
+                                     extra=["eval_period=2"])
+    model_two, model_three, ema = _weights(two, "model"), _weights(three, "model"), _weights(four, "ema")
+    for k in ema:
+        expected = 0.5 * (model_two[k] + model_three[k]) if ema[k].is_floating_point() else model_three[k]
+        assert torch.allclose(ema[k], expected, atol=1e-6), k
+    # It is evaluated once it has begun (not at step 2, when it was still the initial model).
+    rows = [r.split(",") for r in (tmp_path / "four" / "eval.csv").read_text().splitlines()]
+    column = rows[0].index("ema_AP")
+    assert [r[0] for r in rows[1:]] == ["2", "4"] and rows[1][column] == ""
+    assert float(rows[2][column]) == pytest.approx(result["ema_AP"])
+    # Resuming the run killed after step 3 ends with the same average.
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    shutil.copy(tmp_path / "four" / "last.prev.pt", killed / "last.pt")
+    train(load_config("demo", TINY), killed, tiny_data, resume=True, progress=False)
+    assert _equal(_weights(load_checkpoint(killed / "last.pt"), "ema"), ema)
+
+
+def test_distillation_rejects_a_stage_a_ema(tiny_data, stage_a, tmp_path):
+    cfg = load_config("demo", [*TINY, "solver.max_iters=1", "solver.ema_decay=0.9"])
+    with pytest.raises(GdistillError, match="solver.ema_decay.*distill.ema_decay"):
+        train(cfg, tmp_path / "d", tiny_data, teacher_checkpoint=stage_a / "best.pt", progress=False)
+
+
 def test_distill_logs_pseudo_label_statistics(tiny_data, stage_a, tmp_path):
     out = tmp_path / "s"
     cfg = load_config("demo", [*TINY, "solver.max_iters=2", "eval_period=2",

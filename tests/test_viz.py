@@ -208,3 +208,16 @@ def test_report_command_on_a_run_without_checkpoint(tmp_path, capsys):
     for name in ("losses", "ap", "pseudo_labels", "pseudo_label_quality"):
         assert f"![{name}]({name}.png)" in summary
         assert _png(report / f"{name}.png").std() > 5
+
+
+def test_report_shows_the_ema_model_of_a_stage_a_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    _fake_distill_run(run)
+    # eval.csv of `gdistill train ... solver.ema_decay=D solver.ema_start=150`
+    _write_csv(run / "eval.csv", [{"step": 100, "student_AP": 10.0, "ema_AP": ""},
+                                  {"step": 200, "student_AP": 12.0, "ema_AP": 13.0}])
+    assert main(["report", str(run), "--val", str(tmp_path / "val.json")]) == 0
+    summary = (run / "report" / "summary.md").read_text()
+    assert "| final EMA model AP | 13.00 (iteration 200) |" in summary
+    assert "final teacher AP" not in summary
+    assert _png(run / "report" / "ap.png").std() > 5

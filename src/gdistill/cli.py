@@ -9,6 +9,7 @@ from pathlib import Path
 
 from gdistill.errors import GdistillError
 
+MODEL_CHOICES = ("student", "teacher", "ema")  # the models a checkpoint can hold
 SKIP_HELP = (
     "drop annotations with an invalid mask (e.g. COCO's few degenerate polygons) and list them, "
     "instead of stopping"
@@ -132,9 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, help="image root (with --weights)")
     p.add_argument(
         "--model",
-        choices=("student", "teacher"),
+        choices=MODEL_CHOICES,
         default="student",
-        help="which model of a distillation checkpoint",
+        help="which model: the trained one, a distillation checkpoint's teacher, or the moving "
+        "average of `train ... solver.ema_decay=D`",
     )
     p.add_argument("--out", type=Path, help="write metrics JSON here")
     p.add_argument("--device", default="auto")
@@ -144,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, type=Path, help="checkpoint of `gdistill train` / `distill`")
     p.add_argument("--input", required=True, type=Path, help="an image, or a folder (searched recursively)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--model", choices=("student", "teacher"), default="student")
+    p.add_argument("--model", choices=MODEL_CHOICES, default="student")
     p.add_argument("--score-threshold", type=float, default=0.5, help="keep instances scoring at least this")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="auto")
@@ -164,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, type=Path)
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     p.add_argument("--out", required=True, type=Path, help="output file, e.g. model.onnx")
-    p.add_argument("--model", choices=("student", "teacher"), default="student")
+    p.add_argument("--model", choices=MODEL_CHOICES, default="student")
     p.add_argument("--height", type=int, default=320, help="input height (multiple of 32)")
     p.add_argument("--width", type=int, default=320, help="input width (multiple of 32)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (16 or later)")
@@ -258,8 +260,9 @@ def _print_final(result: dict, out: Path) -> None:
     ap = result.get("student_AP")
     if ap is not None:
         line = f"final mask AP {ap:.2f} (best {result['best_AP']:.2f})"
-        if "teacher_AP" in result:
-            line += f"; teacher AP {result['teacher_AP']:.2f}"
+        for key, name in (("teacher_AP", "teacher"), ("ema_AP", "EMA model")):
+            if result.get(key) is not None:
+                line += f"; {name} AP {result[key]:.2f}"
         print(line)
     print(f"outputs in {out}")
 

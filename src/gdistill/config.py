@@ -92,6 +92,11 @@ class SolverConfig:
     warmup_iters: int = 10
     warmup_factor: float = 1.0
     amp: str = "fp16"  # fp16 | bf16 | none; CUDA only, CPU always runs fp32
+    # > 0: `gdistill train` also keeps an exponential moving average of the model (a copy at
+    # step ema_start, then this decay per step), evaluated and saved beside it (--model ema).
+    # Stage B has its own: its teacher (distill.ema_decay).
+    ema_decay: float = 0.0
+    ema_start: int = 0
 
 
 @dataclass
@@ -336,7 +341,11 @@ def validate_config(cfg: Config) -> None:
     lo, hi = cfg.data.scale_range
     if not 0 < lo <= hi:
         raise GdistillError(f"config key 'data.scale_range' must satisfy 0 < min <= max, got {lo, hi}")
-    if not 0.0 <= cfg.distill.ema_decay <= 1.0:
-        raise GdistillError(f"config key 'distill.ema_decay' must be in [0, 1], got {cfg.distill.ema_decay}")
+    decays = {"distill.ema_decay": cfg.distill.ema_decay, "solver.ema_decay": cfg.solver.ema_decay}
+    for key, decay in decays.items():
+        if not 0.0 <= decay <= 1.0:
+            raise GdistillError(f"config key '{key}' must be in [0, 1], got {decay}")
+    if cfg.solver.ema_start < 0:
+        raise GdistillError(f"config key 'solver.ema_start' must be >= 0, got {cfg.solver.ema_start}")
     if cfg.model.hidden_dim % cfg.model.nheads:
         raise GdistillError("config key 'model.hidden_dim' must be divisible by 'model.nheads'")

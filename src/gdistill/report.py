@@ -190,9 +190,10 @@ def _summary(
     best = _best(evals, "student_AP")
     if best:
         rows.append(("best student AP", f"{best[0]:.2f} (iteration {best[1]})"))
-    final_teacher = _last_finite(evals, "teacher_AP")
-    if final_teacher:
-        rows.append(("final teacher AP", f"{final_teacher[0]:.2f} (iteration {final_teacher[1]})"))
+    for key, label in (("teacher_AP", "final teacher AP"), ("ema_AP", "final EMA model AP")):
+        final = _last_finite(evals, key)
+        if final:
+            rows.append((label, f"{final[0]:.2f} (iteration {final[1]})"))
     if cfg is not None:
         t = cfg.distill.score_threshold
         who = "teacher" if any(k.startswith("teacher_pl_") for k in evals) else "student"

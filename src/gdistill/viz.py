@@ -377,7 +377,7 @@ def _plot_ap(evals: dict[str, list[str]], path: Path) -> Path | None:
     steps = to_floats(evals.get("step", []))
     fig, (ax,) = _new_figure()
     drawn = 0
-    for who, color in (("student", "tab:blue"), ("teacher", "tab:orange")):
+    for who, color in (("student", "tab:blue"), ("teacher", "tab:orange"), ("ema", "tab:green")):
         for stat, style in (("AP", "-"), ("AP50", "--")):
             key = f"{who}_{stat}"
             if key not in evals:

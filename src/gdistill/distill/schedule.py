@@ -17,15 +17,20 @@ def handover_step(burn_in: str, burnin_iters: int) -> int:
     return 0 if burn_in == "none" else burnin_iters
 
 
+def ema_decay_for_step(step: int, start: int, ema_decay: float) -> float | None:
+    """The decay to apply to an EMA model *before* step ``step`` when the average starts at
+    ``start``: None (unchanged), 0.0 (copy of the trained model), or ``ema_decay``."""
+    if step < start:
+        return None
+    if step == start:
+        return 0.0
+    return ema_decay
+
+
 def teacher_decay_for_step(step: int, burn_in: str, burnin_iters: int, ema_decay: float) -> float | None:
     """The EMA decay to apply to the teacher *before* step ``step``: None (frozen), 0.0 (copy of
     the student), or ``ema_decay``."""
-    handover = handover_step(burn_in, burnin_iters)
-    if step < handover:
-        return None
-    if step == handover:
-        return 0.0
-    return ema_decay
+    return ema_decay_for_step(step, handover_step(burn_in, burnin_iters), ema_decay)
 
 
 def unsupervised_loss_active(step: int, burn_in: str, burnin_iters: int) -> bool:

@@ -4,7 +4,7 @@
 - stage B (``gdistill distill``): a teacher (its own module, never trained by the optimizer)
   turns the weak view of unlabelled images into pseudo-labels for the student's strong view.
 
-Read it top to bottom: set-up, resume, then one iteration = (teacher update) → labelled loss →
+Read it top to bottom: set-up, resume, then one iteration = (teacher or EMA update) → labelled loss →
 (unlabelled loss) → backward → step → log → evaluate → checkpoint.
 """
 
@@ -42,7 +42,12 @@ from gdistill.data.loader import (
 from gdistill.data.sources import UnlabelledImage
 from gdistill.distill.ema import ema_update
 from gdistill.distill.pseudo_labels import class_histogram, pseudo_labels_from_teacher
-from gdistill.distill.schedule import phase_name, teacher_decay_for_step, unsupervised_loss_active
+from gdistill.distill.schedule import (
+    ema_decay_for_step,
+    phase_name,
+    teacher_decay_for_step,
+    unsupervised_loss_active,
+)
 from gdistill.engine import distributed
 from gdistill.engine.allocator import keep_freed_memory
 from gdistill.engine.checkpoint import (
@@ -157,8 +162,9 @@ def _add_scalars(writer, row: dict, prefix: str) -> None:
 
 
 class MetricsLog:
-    """Append-only CSV whose columns are fixed by its first row. On resume, rows at or after the
-    resume step are dropped so the file matches an uninterrupted run."""
+    """Append-only CSV. A row with new keys adds columns (the file is rewritten once, earlier rows
+    empty there). On resume, rows after the resume step are dropped so the file matches an
+    uninterrupted run."""
 
     def __init__(self, path: Path, resume_step: int | None = None) -> None:
         self.path = path
@@ -183,6 +189,15 @@ class MetricsLog:
             self.fields = list(row.keys())
             with open(self.path, "w", newline="") as f:
                 csv.DictWriter(f, fieldnames=self.fields).writeheader()
+        new_fields = [k for k in row if k not in self.fields]
+        if new_fields:
+            with open(self.path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            self.fields += new_fields
+            with open(self.path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.fields, restval="")
+                writer.writeheader()
+                writer.writerows(rows)
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore").writerow(
                 {k: _fmt(row.get(k, "")) for k in self.fields}
@@ -228,6 +243,11 @@ def train(
         state = None
         stage = "distill" if teacher_checkpoint else "teacher"
     is_distill = stage == "distill"
+    if is_distill and cfg.solver.ema_decay > 0:
+        raise GdistillError(
+            "config key 'solver.ema_decay' is for `gdistill train`; in distillation the teacher is "
+            "the moving average of the student (distill.ema_decay)"
+        )
     check_image_files(data.labelled, data.images_dir)
     if data.val is not None:
         check_image_files(data.val, data.val_images_dir)
@@ -288,6 +308,9 @@ def train(
     if is_distill and state is None and cfg.distill.student_init == "teacher":
         student.load_state_dict(teacher.state_dict())
     student.to(device).train()
+    # Stage A may keep a moving average of the model beside it: never trained, evaluated and
+    # checkpointed on its own (the supervised counterpart of stage B's EMA teacher).
+    ema_model = freeze(copy.deepcopy(student)) if cfg.solver.ema_decay > 0 else None
     criterion = build_criterion(cfg, num_classes).to(device)
     optimizer = build_optimizer(student, cfg.solver.lr, cfg.solver.weight_decay, cfg.solver.backbone_lr_mult)
     # The student is DDP-wrapped; the teacher never is (it only changes through the EMA, which
@@ -308,6 +331,8 @@ def train(
         student.load_state_dict(state["model"])
         if teacher is not None:
             teacher.load_state_dict(state["teacher"])
+        if ema_model is not None:
+            ema_model.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
@@ -413,6 +438,24 @@ def train(
     # reused by later evaluations, dropped when the hand-over or an EMA update changes it.
     teacher_metrics: dict = {}
 
+    def evaluate_frozen(net: torch.nn.Module, prefix: str, thresholds: tuple[float, ...]) -> dict:
+        """Metrics of the teacher or the EMA model (fp32), keys prefixed with ``prefix``."""
+        metrics, _ = evaluate_model(
+            net,
+            val_loader,
+            data.val,
+            device,
+            cfg.model.detections_per_image,
+            "none",
+            pseudo_label_thresholds=thresholds,
+            min_mask_area=cfg.distill.min_mask_area,
+            mask_threshold=cfg.distill.mask_threshold,
+            duplicate_iou=cfg.distill.duplicate_iou,
+            desc=f"eval {prefix}",
+            progress=progress,
+        )
+        return {f"{prefix}_{k}": v for k, v in metrics.items() if not isinstance(v, dict)}
+
     def evaluate(step: int) -> dict:
         if val_loader is None:
             return {}
@@ -434,24 +477,10 @@ def train(
         )
         row.update({f"student_{k}": v for k, v in metrics.items() if not isinstance(v, dict)})
         if teacher is not None and not teacher_metrics:
-            metrics_t, _ = evaluate_model(
-                teacher,
-                val_loader,
-                data.val,
-                device,
-                cfg.model.detections_per_image,
-                "none",
-                pseudo_label_thresholds=diagnostic_thresholds,
-                min_mask_area=cfg.distill.min_mask_area,
-                mask_threshold=cfg.distill.mask_threshold,
-                duplicate_iou=cfg.distill.duplicate_iou,
-                desc="eval teacher",
-                progress=progress,
-            )
-            teacher_metrics.update(
-                {f"teacher_{k}": v for k, v in metrics_t.items() if not isinstance(v, dict)}
-            )
+            teacher_metrics.update(evaluate_frozen(teacher, "teacher", diagnostic_thresholds))
         row.update(teacher_metrics)
+        if ema_model is not None and step > cfg.solver.ema_start:  # the average has begun
+            row.update(evaluate_frozen(ema_model, "ema", ()))
         if main_process:
             eval_log.write(row)
             _add_scalars(tensorboard, row, "eval")
@@ -474,6 +503,7 @@ def train(
             "category_ids": category_ids,
             "model": student.state_dict(),
             "teacher": teacher.state_dict() if teacher is not None else None,
+            "ema": ema_model.state_dict() if ema_model is not None else None,
             "step": step,
             "best_ap": best_ap,
             "last_eval": last_eval,
@@ -509,6 +539,10 @@ def train(
             if decay is not None:
                 ema_update(teacher, student, decay)
                 teacher_metrics.clear()
+        if ema_model is not None:
+            decay = ema_decay_for_step(step, cfg.solver.ema_start, cfg.solver.ema_decay)
+            if decay is not None:
+                ema_update(ema_model, student, decay)
 
         batch = next(labelled_iter)
         images = images_to_model_input(batch["images"].to(device, non_blocking=True))
