@@ -4,9 +4,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from gdistill.data.coco import (
     CocoAnnotation,
+    _compressed_rle_total,
     decode_annotation_mask,
     load_coco,
     load_targets,
@@ -145,6 +147,23 @@ def test_require_annotations_false_ignores_annotations(tmp_path):
         (
             coco_dict([ann(5, {"size": [10, 10], "counts": [22, 3]})]),
             "annotation 5 has uncompressed RLE counts summing to 25",
+        ),
+        (
+            # str(bytes) instead of bytes.decode(): pycocotools decodes it into a garbage mask
+            coco_dict([ann(5, {"size": [10, 10], "counts": "b'f03700000V1'"})]),
+            "annotation 5 has a compressed RLE string that is malformed",
+        ),
+        (
+            coco_dict([ann(5, {"size": [10, 10], "counts": "f0370000"})]),  # cut short
+            "annotation 5 has a compressed RLE string that is malformed or does not cover",
+        ),
+        (
+            coco_dict([ann(5, [[1, 1, float("nan"), 5, 8, 1]])]),  # pycocotools: out of memory
+            "annotation 5 has a polygon coordinate that is not finite",
+        ),
+        (
+            coco_dict([ann(5, [[1, 1, 1e12, 5, 8, 1]])]),
+            "annotation 5 has a polygon coordinate that is not finite or lies far outside",
         ),
         (coco_dict([ann(5, "nope")]), "annotation 5 has a segmentation that is neither"),
         (coco_dict([ann(5, POLYGON, iscrowd=2)]), "annotation 5 has iscrowd=2"),
@@ -287,3 +306,11 @@ def test_read_size_mismatch(tmp_path):
     Image.fromarray(np.zeros((4, 6, 3), dtype=np.uint8)).save(tmp_path / "s.png")
     with pytest.raises(GdistillError, match=r"s.png: image is 4x6 .* annotation file says 6x4"):
         read_image(tmp_path / "s.png", expected_size=(6, 4))
+
+
+def test_compressed_rle_total_matches_pycocotools_on_valid_strings():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        h, w = rng.integers(1, 60, 2)
+        mask = np.asfortranarray(rng.random((h, w)) < rng.random(), dtype=np.uint8)
+        assert _compressed_rle_total(mask_utils.encode(mask)["counts"]) == h * w

@@ -258,6 +258,8 @@ def test_uncompressed_rle_results_are_accepted():
      ' "segmentation": {"size": [2, 2], "counts": "4"}}]', "result 0 has invalid score"),
     ('[{"image_id": 1, "category_id": 3, "score": 0.5,'
      ' "segmentation": {"size": [2, 2], "counts": [1, 2]}}]', "do not sum to 2x2"),
+    ('[{"image_id": 1, "category_id": 3, "score": 0.5,'
+     ' "segmentation": {"size": [2, 2], "counts": "b\'4\'"}}]', "compressed RLE string that is malformed"),
 ])
 def test_load_results_errors(tmp_path, content, message):
     path = tmp_path / "bad.json"

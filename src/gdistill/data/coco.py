@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,32 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _compressed_rle_total(counts: bytes) -> int | None:
+    """Sum of the runs of a compressed RLE string, decoded as pycocotools' ``rleFrString`` does,
+    or None if the string is malformed (a character outside '0'..'o', a value cut short, a
+    negative run): pycocotools reads such strings past their end into garbage masks."""
+    runs: list[int] = []
+    value = shift = 0
+    more = False
+    for byte in counts:
+        c = byte - 48
+        if not 0 <= c < 64:
+            return None
+        value |= (c & 0x1F) << (5 * shift)
+        more = bool(c & 0x20)
+        shift += 1
+        if not more:
+            if c & 0x10:
+                value |= -1 << (5 * shift)
+            if len(runs) > 2:
+                value += runs[-2]
+            if value < 0:
+                return None
+            runs.append(value)
+            value = shift = 0
+    return None if more else sum(runs)
+
+
 def _to_rle(segmentation: Any, height: int, width: int, where: str) -> dict:
     """Validate a COCO segmentation and convert it to one compressed RLE with pycocotools.
 
@@ -96,6 +123,14 @@ def _to_rle(segmentation: Any, height: int, width: int, where: str) -> dict:
             if len(polygon) % 2:
                 raise GdistillError(
                     f"{where} has a polygon with an odd number of coordinates ({len(polygon)})"
+                )
+            # pycocotools rasterises along every edge: NaN, infinite or absurdly distant points
+            # exhaust the memory instead of failing.
+            limit = 10 * (height + width)
+            if not all(math.isfinite(v) and abs(v) <= limit for v in polygon):
+                raise GdistillError(
+                    f"{where} has a polygon coordinate that is not finite or lies far outside "
+                    f"its {height}x{width} image"
                 )
         return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
     if isinstance(segmentation, dict):
@@ -123,6 +158,12 @@ def _to_rle(segmentation: Any, height: int, width: int, where: str) -> dict:
             return mask_utils.frPyObjects(segmentation, height, width)
         if isinstance(counts, (str, bytes)):
             counts_bytes = counts.encode("ascii", "replace") if isinstance(counts, str) else counts
+            total = _compressed_rle_total(counts_bytes)
+            if total != height * width:
+                raise GdistillError(
+                    f"{where} has a compressed RLE string that is malformed or does not cover "
+                    f"{height}*{width}={height * width} pixels"
+                )
             return {"size": [height, width], "counts": counts_bytes}
         raise GdistillError(f"{where} has RLE counts that are neither a string nor a list")
     raise GdistillError(f"{where} has a segmentation that is neither polygons nor RLE")

@@ -31,6 +31,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from gdistill.data.coco import _compressed_rle_total
 from gdistill.errors import GdistillError
 
 COCO_STAT_NAMES = [
@@ -329,6 +330,13 @@ def _check_results(results: Any, source: str) -> None:
         elif not isinstance(counts, (str, bytes)):
             kind = type(counts).__name__
             raise GdistillError(f"{source}: result {i} has RLE counts of type {kind}")
+        else:
+            raw = counts.encode("ascii", "replace") if isinstance(counts, str) else counts
+            if _compressed_rle_total(raw) != size[0] * size[1]:
+                raise GdistillError(
+                    f"{source}: result {i} has a compressed RLE string that is malformed or "
+                    f"does not cover {size[0]}x{size[1]}"
+                )
 
 
 def _prepare_results(
