@@ -329,3 +329,30 @@ def test_load_model_picks_the_ema_model_or_says_there_is_none(checkpoint, tmp_pa
     ema = load_model(with_ema, "ema", device="cpu")
     assert all(torch.equal(v, payload["ema"][k]) for k, v in ema.model.state_dict().items())
     assert ema.model.state_dict().keys() == payload["ema"].keys()
+
+
+def test_readme_onnx_snippet_runs(checkpoint, mixed_images, monkeypatch):
+    """The README's "Using an exported model" code, with a stub session running the model."""
+    import re
+    import sys
+    import types
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Using an exported model", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    root, sizes = mixed_images
+
+    class Session:
+        def __init__(self, path):
+            assert path == "model.onnx"
+
+        def run(self, names, feeds):
+            assert names is None and feeds["images"].ndim == 4
+            return _pytorch_outputs(checkpoint, torch.from_numpy(feeds["images"]))
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", types.SimpleNamespace(InferenceSession=Session))
+    monkeypatch.chdir(root)
+    namespace: dict = {}
+    exec(code.replace('"street.jpg"', '"a.png"'), namespace)
+    assert namespace["instances"].masks.shape[-2:] == sizes["a.png"]
