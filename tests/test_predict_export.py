@@ -168,6 +168,12 @@ def test_load_model_predicts_at_each_image_size(checkpoint, mixed_images):
         assert torch.all(inst.scores[:-1] >= inst.scores[1:])  # sorted by score
 
 
+def test_load_model_rejects_an_empty_image(checkpoint):
+    predictor = load_model(checkpoint, device="cpu")
+    with pytest.raises(GdistillError, match=r"predict: image 1 is empty \(0x5 pixels\)"):
+        predictor.predict([np.zeros((4, 4, 3), np.uint8), np.zeros((0, 5, 3), np.uint8)])
+
+
 def test_eval_weights_prints_the_twelve_numbers(checkpoint, synth, tmp_path, capsys):
     out = tmp_path / "metrics.json"
     assert (

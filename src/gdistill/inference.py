@@ -72,9 +72,11 @@ class Predictor:
         """Images (paths, PIL images, uint8 arrays [H, W, 3] or tensors [3, H, W]) → instances at
         each image's own size, sorted by score, those below ``score_threshold`` dropped."""
         samples = []
-        for image in images:
+        for index, image in enumerate(images):
             tensor = self._to_tensor(image)
             orig = tuple(tensor.shape[-2:])
+            if min(orig) == 0:
+                raise GdistillError(f"predict: image {index} is empty ({orig[0]}x{orig[1]} pixels)")
             resized = resize_for_eval(tensor, self.cfg.data.test_short_side, self.cfg.data.test_max_side)
             samples.append({"image": resized, "orig_size": orig, "image_id": None, "key": ""})
         loader = [collate_eval(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
