@@ -153,6 +153,7 @@ def test_dropped_annotations_not_written(tmp_path):
         ({"count": 0}, "count 0 must be a positive integer"),
         ({}, "give exactly one of fraction or count"),
         ({"fraction": 0.1, "count": 3}, "give exactly one of fraction or count"),
+        ({"count": 3, "seed": -1}, "seed must be non-negative, got -1"),
     ],
 )
 def test_split_errors(tmp_path, kwargs, message):

@@ -55,6 +55,8 @@ def split_labelled(
             others with ``exclude_labelled``; ``"annotations": []`` so it is still valid COCO.
     """
     path = dataset.path
+    if seed < 0:
+        raise GdistillError(f"{path}: seed must be non-negative, got {seed}")
     num_images = len(dataset.images)
     n = _num_labelled(path, num_images, fraction, count)
     eligible = [
