@@ -292,3 +292,18 @@ def test_results_must_match_ground_truth(tmp_path):
     write_results([result(1, 5, mask, 0.5)], res_path)
     with pytest.raises(GdistillError, match=f"{res_path}: category_id 5"):
         evaluate_results_file(gt_path, res_path)
+
+
+def test_results_with_file_names_are_matched_by_file_name():
+    """`gdistill predict` numbers images 1..N in sorted file order, whatever the ground truth's
+    ids; its results carry the file name, relative to the folder it read."""
+    a, b = square(16, 2, 2, 6), square(16, 8, 8, 6)
+    gt = make_gt({1: (16, 16), 2: (16, 16)}, [(1, 3, a), (2, 8, b)])
+    gt["images"][0]["file_name"], gt["images"][1]["file_name"] = "val/z.png", "val/a.png"
+    predicted = [dict(result(2, 3, a, 0.9), file_name="z.png"),  # sorted: a.png=1, z.png=2
+                 dict(result(1, 8, b, 0.9), file_name="a.png")]
+    assert evaluate_masks(gt, predicted)["AP"] == pytest.approx(100.0)
+    assert evaluate_masks(gt, [{k: v for k, v in r.items() if k != "file_name"}
+                               for r in predicted])["AP"] == pytest.approx(0.0)
+    with pytest.raises(GdistillError, match="result 1 file_name 'b.png' is not among"):
+        evaluate_masks(gt, [predicted[0], dict(predicted[1], file_name="b.png")])

@@ -170,6 +170,7 @@ def _evaluate(
     gt_dataset, gt_source = _load_ground_truth(ground_truth)
     _check_results(results, results_source)
     images = {img["id"]: img for img in gt_dataset["images"]}
+    results = _match_file_names(results, images, results_source)
     detections = _prepare_results(results, images, gt_dataset["categories"], results_source)
 
     if image_ids is not None:
@@ -337,6 +338,33 @@ def _check_results(results: Any, source: str) -> None:
                     f"{source}: result {i} has a compressed RLE string that is malformed or "
                     f"does not cover {size[0]}x{size[1]}"
                 )
+
+
+def _match_file_names(results: list[dict], images: dict[int, dict], source: str) -> list[dict]:
+    """Results that all carry a ``file_name`` (``gdistill predict`` numbers its images 1..N in
+    sorted file order, relative to the folder it read) get the id of the ground-truth image with
+    that file name, or whose file name ends with it ("a.jpg" matches "val/a.jpg")."""
+    if not results or not all(isinstance(r.get("file_name"), str) for r in results):
+        return results
+    by_name: dict[str, list[int]] = {}
+    for img in images.values():
+        parts = str(img.get("file_name", "")).replace("\\", "/").split("/")
+        for k in range(len(parts)):
+            by_name.setdefault("/".join(parts[k:]), []).append(img["id"])
+    matched = []
+    for i, r in enumerate(results):
+        ids = by_name.get(r["file_name"].replace("\\", "/"), [])
+        if r["image_id"] in ids:
+            matched.append(r)
+        elif len(ids) == 1:
+            matched.append(dict(r, image_id=ids[0]))
+        else:
+            problem = "is not among" if not ids else "matches several of"
+            raise GdistillError(
+                f"{source}: result {i} file_name {r['file_name']!r} {problem} the ground-truth "
+                f"images' file names"
+            )
+    return matched
 
 
 def _prepare_results(
