@@ -277,6 +277,9 @@ def test_exif_orientation_not_applied(tmp_path):
     image.save(tmp_path / "e.jpg", exif=exif.tobytes())
     assert Image.open(tmp_path / "e.jpg").getexif()[0x0112] == 6
     assert read_image(tmp_path / "e.jpg", expected_size=(2, 5)).shape == (2, 5, 3)
+    # sizes taken from the rotated display: the error says why
+    with pytest.raises(GdistillError, match="says 5x2; its EXIF orientation 6 displays it rotated"):
+        read_image(tmp_path / "e.jpg", expected_size=(5, 2))
 
 
 def test_read_missing_image(tmp_path):

@@ -390,9 +390,18 @@ def read_image(path: Path, expected_size: tuple[int, int] | None = None) -> np.n
         raise GdistillError(f"{path}: corrupt or truncated image ({_one_line(e)})") from e
     if expected_size is not None and tuple(array.shape[:2]) != tuple(expected_size):
         h, w = array.shape[:2]
+        with Image.open(path) as image:
+            orientation = image.getexif().get(0x0112, 1)
+        hint = ""
+        if orientation in (5, 6, 7, 8) and tuple(expected_size) == (w, h):
+            hint = (
+                f"; its EXIF orientation {orientation} displays it rotated, but gdistill reads"
+                " the stored pixels, as COCO sizes and masks do: annotate the stored image, or"
+                " save it rotated without the tag"
+            )
         raise GdistillError(
             f"{path}: image is {h}x{w} (height x width) but the annotation file says "
-            f"{expected_size[0]}x{expected_size[1]}"
+            f"{expected_size[0]}x{expected_size[1]}{hint}"
         )
     return array
 
