@@ -9,6 +9,7 @@ from pycocotools import mask as mask_utils
 from gdistill.data.coco import (
     CocoAnnotation,
     _compressed_rle_total,
+    check_image_files,
     decode_annotation_mask,
     load_coco,
     load_targets,
@@ -317,3 +318,17 @@ def test_compressed_rle_total_matches_pycocotools_on_valid_strings():
         h, w = rng.integers(1, 60, 2)
         mask = np.asfortranarray(rng.random((h, w)) < rng.random(), dtype=np.uint8)
         assert _compressed_rle_total(mask_utils.encode(mask)["counts"]) == h * w
+
+
+def test_check_image_files_names_missing_and_empty_files(tmp_path):
+    images = [{"id": i, "file_name": f"{i}.png", "height": 2, "width": 2} for i in (1, 2)]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"images": images, "annotations": [], "categories": []}))
+    dataset = load_coco(path)
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(tmp_path / "img/1.png")
+    with pytest.raises(GdistillError, match="d.json: image file .*2.png not found"):
+        check_image_files(dataset, tmp_path / "img")
+    (tmp_path / "img/2.png").write_bytes(b"")
+    with pytest.raises(GdistillError, match=r"d.json: image file .*2.png is empty \(0 bytes\)"):
+        check_image_files(dataset, tmp_path / "img")

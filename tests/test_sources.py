@@ -81,6 +81,25 @@ def test_folder_empty(tmp_path):
         unlabelled_from_folder(tmp_path / "empty")
 
 
+def test_folder_empty_files_and_broken_links_fail_upfront(tmp_path):
+    root = tmp_path / "pool"
+    save_image(root / "a.png")
+    (root / "b.jpg").write_bytes(b"")
+    with pytest.raises(GdistillError, match=r"pool/b.jpg: empty image file \(0 bytes\)$"):
+        unlabelled_from_folder(root)
+    (root / "b.jpg").unlink()
+    (root / "c.jpg").symlink_to(root / "gone.jpg")
+    with pytest.raises(GdistillError, match="pool/c.jpg: broken link"):
+        unlabelled_from_folder(root)
+
+
+def test_from_coco_empty_image_file(tmp_path):
+    path = make_coco(tmp_path)
+    (tmp_path / "imgs" / "b.png").write_bytes(b"")
+    with pytest.raises(GdistillError, match=r"unlab.json: image 7 file is empty \(0 bytes\): .*b.png"):
+        unlabelled_from_coco(path, tmp_path / "imgs")
+
+
 def test_folder_missing(tmp_path):
     with pytest.raises(GdistillError, match="nope: image folder does not exist"):
         unlabelled_from_folder(tmp_path / "nope")

@@ -417,3 +417,9 @@ def check_image_files(dataset: CocoDataset, images_dir: Path) -> None:
         raise GdistillError(
             f"{dataset.path}: image file {images_dir / missing[0]} not found{more}"
         )
+    empty = [img.file_name for img in dataset.images if (images_dir / img.file_name).stat().st_size == 0]
+    if empty:
+        more = f" and {len(empty) - 1} more" if len(empty) > 1 else ""
+        raise GdistillError(
+            f"{dataset.path}: image file {images_dir / empty[0]} is empty (0 bytes){more}"
+        )

@@ -36,6 +36,8 @@ def unlabelled_from_coco(
         path = images_dir / img.file_name
         if check_files and not path.is_file():
             raise GdistillError(f"{json_path}: image {img.id} file not found: {path}")
+        if check_files and path.stat().st_size == 0:
+            raise GdistillError(f"{json_path}: image {img.id} file is empty (0 bytes): {path}")
         images.append(UnlabelledImage(key=img.file_name, path=path, image_id=img.id))
     return images
 
@@ -62,6 +64,13 @@ def unlabelled_from_folder(folder: str | Path) -> list[UnlabelledImage]:
         raise GdistillError(
             f"{folder}: no images found (searched recursively for {', '.join(IMAGE_EXTENSIONS)})"
         )
+    # A 0-byte file (an interrupted copy or download) or a broken link would stop a run
+    # mid-way: stop now.
+    bad = [k for k in sorted(keys) if not (folder / k).is_file() or (folder / k).stat().st_size == 0]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        problem = "empty image file (0 bytes)" if (folder / bad[0]).is_file() else "broken link"
+        raise GdistillError(f"{folder / bad[0]}: {problem}{more}")
     return [UnlabelledImage(key=k, path=folder / k, image_id=None) for k in sorted(keys)]
 
 
