@@ -239,6 +239,17 @@ def test_train_image_size_differs_from_json(capsys, tmp_path):
     )
 
 
+def test_train_labelled_set_without_instances(capsys, synth, tmp_path):
+    train_json, _, images = synth
+    data = json.loads(train_json.read_text())
+    for ann in data["annotations"]:
+        ann["iscrowd"] = 1
+    crowd_only = tmp_path / "crowd.json"
+    crowd_only.write_text(json.dumps(data))
+    fails(capsys, _train_argv(crowd_only, images, tmp_path / "run"), crowd_only, "nothing to train on")
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 @pytest.mark.parametrize("workers", WORKERS)
 def test_train_missing_val_image(capsys, tmp_path, workers):
     # Surfaces at the first evaluation, i.e. only after training (here at the final evaluation).

@@ -248,6 +248,10 @@ def train(
             "config key 'solver.ema_decay' is for `gdistill train`; in distillation the teacher is "
             "the moving average of the student (distill.ema_decay)"
         )
+    if not any(not a.iscrowd for img in data.labelled.images for a in img.annotations):
+        raise GdistillError(
+            f"{data.labelled.path}: no image has a non-crowd annotation, nothing to train on"
+        )
     check_image_files(data.labelled, data.images_dir)
     if data.val is not None:
         check_image_files(data.val, data.val_images_dir)
