@@ -517,6 +517,24 @@ def test_split_skip_invalid_annotations_lists_what_it_drops(capsys, tmp_path):
     assert bad_id not in {a["id"] for a in labelled["annotations"]}
 
 
+@pytest.mark.parametrize("argv", [
+    ["synth", "--out", "{file}/sub"],
+    ["predict", "--weights", "w.pt", "--input", "x.png", "--out", "{file}"],
+    ["train", "--labelled", "t.json", "--images", "i", "--out", "{file}"],
+    ["export", "--weights", "w.pt", "--format", "onnx", "--out", "{file}/m.onnx"],
+    ["eval", "--annotations", "a.json", "--predictions", "r.json", "--out", "{file}/m.json"],
+])
+def test_out_under_a_file_is_one_line(capsys, tmp_path, argv):
+    (tmp_path / "taken").write_text("x")
+    argv = [a.replace("{file}", str(tmp_path / "taken")) for a in argv]
+    fails(capsys, argv, "cannot write there", "taken is a file, not a folder")
+
+
+def test_file_out_that_is_a_folder_is_one_line(capsys, tmp_path):
+    fails(capsys, ["export", "--weights", "w.pt", "--format", "onnx", "--out", tmp_path],
+          tmp_path, "is a folder; --out takes a file name")
+
+
 def test_every_command_help_renders_its_text_as_written():
     """argparse formats argument help with %, not descriptions: a literal '%%' there shows as is."""
     import argparse

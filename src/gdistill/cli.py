@@ -396,6 +396,24 @@ def one_line(exc: GdistillError) -> str:
     return last[len(prefix) :] if last.startswith(prefix) else last
 
 
+FILE_OUTPUTS = ("convert-cityscapes", "eval", "export")  # --out is a file; elsewhere a folder
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """A file where --out (or a folder above it) should be stops now, in one line."""
+    out = getattr(args, "out", None)
+    if out is None:
+        return
+    if args.command in FILE_OUTPUTS and Path(out).is_dir():
+        raise GdistillError(f"{out}: is a folder; --out takes a file name here")
+    folder = Path(out).parent if args.command in FILE_OUTPUTS else Path(out)
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise GdistillError(f"{out}: cannot write there, {path} is a file, not a folder")
+            return
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Config overrides (key=value) may stand anywhere after the command.
@@ -406,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     args.overrides = overrides
     try:
+        _check_output(args)
         COMMANDS[args.command](args)
     except GdistillError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
