@@ -168,6 +168,15 @@ def test_load_model_predicts_at_each_image_size(checkpoint, mixed_images):
         assert torch.all(inst.scores[:-1] >= inst.scores[1:])  # sorted by score
 
 
+def test_load_model_reads_a_pil_image_as_its_file(checkpoint, tmp_path):
+    depth = (np.arange(32 * 40).reshape(32, 40) * 50).astype(np.uint16)  # 16-bit, e.g. depth/IR
+    Image.fromarray(depth).save(tmp_path / "d.png")
+    predictor = load_model(checkpoint, device="cpu")
+    from_file, from_pil = predictor.predict([tmp_path / "d.png", Image.open(tmp_path / "d.png")])
+    assert torch.equal(from_file.scores, from_pil.scores)
+    assert torch.equal(from_file.masks, from_pil.masks)
+
+
 def test_load_model_rejects_an_empty_image(checkpoint):
     predictor = load_model(checkpoint, device="cpu")
     with pytest.raises(GdistillError, match=r"predict: image 1 is empty \(0x5 pixels\)"):
