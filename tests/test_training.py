@@ -226,6 +226,17 @@ def test_frozen_bn_on_a_random_backbone_warns(tiny_data, tmp_path):
         train(cfg, tmp_path / "r", tiny_data, progress=False)
 
 
+def test_resume_names_the_config_values_it_ignores(tiny_data, tmp_path, recwarn):
+    overrides = [*TINY, "solver.max_iters=1", "eval_period=0", "checkpoint_period=0"]
+    train(load_config("demo", overrides), tmp_path / "r", tiny_data, progress=False)
+    train(load_config("demo", overrides), tmp_path / "r", tiny_data, resume=True, progress=False)
+    assert not [w for w in recwarn if "resuming" in str(w.message)]  # same command: silent
+    longer = load_config("demo", [*overrides, "solver.max_iters=3"])
+    with pytest.warns(UserWarning, match=r"ignored: solver.max_iters=3 \(run: 1\)$"):
+        train(longer, tmp_path / "r", tiny_data, resume=True, progress=False)
+    assert load_checkpoint(tmp_path / "r" / "last.pt")["step"] == 1
+
+
 def test_resume_without_checkpoint_is_an_error(tiny_data, tmp_path):
     with pytest.raises(GdistillError, match="nothing to resume"):
         train(load_config("demo", TINY), tmp_path / "empty", tiny_data, resume=True, progress=False)

@@ -161,6 +161,34 @@ def _add_scalars(writer, row: dict, prefix: str) -> None:
     writer.flush()
 
 
+def _flat(values: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _warn_config_ignored_on_resume(cfg: Config, run_config: dict, state_path: Path) -> None:
+    """A resumed run keeps its own config: name the given values that this ignores."""
+    given, run = _flat(config_to_dict(cfg)), _flat(run_config)
+    derived = {"model.num_classes"}  # set from the data by the trainer
+    ignored = [
+        f"{k}={given[k]} (run: {run[k]})"
+        for k in given
+        if k in run and k not in derived and given[k] != run[k]
+    ]
+    if ignored:
+        more = f" and {len(ignored) - 3} more" if len(ignored) > 3 else ""
+        warnings.warn(
+            f"{state_path}: resuming with the run's own config; ignored: "
+            f"{', '.join(ignored[:3])}{more}",
+            stacklevel=3,
+        )
+
+
 class MetricsLog:
     """Append-only CSV. A row with new keys adds columns (the file is rewritten once, earlier rows
     empty there). On resume, rows after the resume step are dropped so the file matches an
@@ -237,6 +265,7 @@ def train(
         raise GdistillError(f"{out_dir}: nothing to resume (no last.pt)")
     if resumed is not None:
         state, state_path = resumed
+        _warn_config_ignored_on_resume(cfg, state["config"], state_path)
         cfg = config_from_dict(state["config"], str(state_path))
         stage = state["stage"]
     else:
