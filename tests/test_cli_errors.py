@@ -547,3 +547,14 @@ def test_every_command_help_renders_its_text_as_written():
         text = command.format_help()
         assert "%%" not in text, name
     assert "labels 10 % of it" in sub.choices["demo"].format_help().replace("\n", " ").replace("  ", " ")
+
+
+def test_final_line_is_printed_by_the_first_process_only(capsys, monkeypatch):
+    from gdistill import cli
+    from gdistill.engine import distributed
+
+    cli._print_final({"student_AP": 1.0, "best_AP": 2.0}, Path("run"))
+    assert capsys.readouterr().out == "final mask AP 1.00 (best 2.00)\noutputs in run\n"
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    cli._print_final({"student_AP": 1.0, "best_AP": 2.0}, Path("run"))
+    assert capsys.readouterr().out == ""

@@ -257,6 +257,10 @@ def _training_data(args: argparse.Namespace, with_unlabelled: bool):
 
 
 def _print_final(result: dict, out: Path) -> None:
+    from gdistill.engine import distributed
+
+    if not distributed.is_main_process():  # under torchrun: once, not once per process
+        return
     ap = result.get("student_AP")
     if ap is not None:
         line = f"final mask AP {ap:.2f} (best {result['best_AP']:.2f})"
