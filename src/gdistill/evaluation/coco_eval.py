@@ -343,26 +343,34 @@ def _check_results(results: Any, source: str) -> None:
 def _match_file_names(results: list[dict], images: dict[int, dict], source: str) -> list[dict]:
     """Results that all carry a ``file_name`` (``gdistill predict`` numbers its images 1..N in
     sorted file order, relative to the folder it read) get the id of the ground-truth image with
-    that file name, or whose file name ends with it ("a.jpg" matches "val/a.jpg")."""
+    that file name, or whose path ends with it ("a.jpg" matches "val/a.jpg"), or that it ends
+    with ("/data/val/a.jpg" matches "val/a.jpg"). A file name matching no image keeps its id."""
     if not results or not all(isinstance(r.get("file_name"), str) for r in results):
         return results
+    by_suffix: dict[str, list[int]] = {}
     by_name: dict[str, list[int]] = {}
     for img in images.values():
-        parts = str(img.get("file_name", "")).replace("\\", "/").split("/")
+        name = str(img.get("file_name", "")).replace("\\", "/")
+        by_name.setdefault(name, []).append(img["id"])
+        parts = name.split("/")
         for k in range(len(parts)):
-            by_name.setdefault("/".join(parts[k:]), []).append(img["id"])
+            by_suffix.setdefault("/".join(parts[k:]), []).append(img["id"])
     matched = []
     for i, r in enumerate(results):
-        ids = by_name.get(r["file_name"].replace("\\", "/"), [])
-        if r["image_id"] in ids:
+        name = r["file_name"].replace("\\", "/")
+        ids = by_suffix.get(name)
+        if ids is None:
+            parts = name.split("/")
+            ids = next((by_name[s] for k in range(1, len(parts))
+                        if (s := "/".join(parts[k:])) in by_name), [])
+        if not ids or r["image_id"] in ids:
             matched.append(r)
         elif len(ids) == 1:
             matched.append(dict(r, image_id=ids[0]))
         else:
-            problem = "is not among" if not ids else "matches several of"
             raise GdistillError(
-                f"{source}: result {i} file_name {r['file_name']!r} {problem} the ground-truth "
-                f"images' file names"
+                f"{source}: result {i} file_name {r['file_name']!r} matches several ground-truth "
+                f"images, none with its image_id {r['image_id']}"
             )
     return matched
 
