@@ -307,9 +307,12 @@ def test_results_with_file_names_are_matched_by_file_name():
                                for r in predicted])["AP"] == pytest.approx(0.0)
     absolute = [dict(r, file_name=f"/data/val/{r['file_name']}") for r in predicted]
     assert evaluate_masks(gt, absolute)["AP"] == pytest.approx(100.0)
-    # a name matching no image keeps its image_id; one matching several needs its id among them
-    elsewhere = [dict(r, image_id=3 - r["image_id"], file_name="other.png") for r in predicted]
+    # names in another convention keep their ids; once names match, all must
+    elsewhere = [dict(r, image_id=3 - r["image_id"], file_name=f"x{i}.png")
+                 for i, r in enumerate(predicted)]
     assert evaluate_masks(gt, elsewhere)["AP"] == pytest.approx(100.0)
+    with pytest.raises(GdistillError, match="result 1 file_name 'b.png' is not among"):
+        evaluate_masks(gt, [predicted[0], dict(predicted[1], file_name="b.png")])
     gt["images"][0]["file_name"] = "train/a.png"
     with pytest.raises(GdistillError, match="result 0 file_name 'a.png' matches several"):
         evaluate_masks(gt, [dict(predicted[0], file_name="a.png", image_id=5)])

@@ -344,7 +344,8 @@ def _match_file_names(results: list[dict], images: dict[int, dict], source: str)
     """Results that all carry a ``file_name`` (``gdistill predict`` numbers its images 1..N in
     sorted file order, relative to the folder it read) get the id of the ground-truth image with
     that file name, or whose path ends with it ("a.jpg" matches "val/a.jpg"), or that it ends
-    with ("/data/val/a.jpg" matches "val/a.jpg"). A file name matching no image keeps its id."""
+    with ("/data/val/a.jpg" matches "val/a.jpg"). If no file name matches, the ids are kept
+    (another naming); if some do, one that does not is an error."""
     if not results or not all(isinstance(r.get("file_name"), str) for r in results):
         return results
     by_suffix: dict[str, list[int]] = {}
@@ -355,15 +356,25 @@ def _match_file_names(results: list[dict], images: dict[int, dict], source: str)
         parts = name.split("/")
         for k in range(len(parts)):
             by_suffix.setdefault("/".join(parts[k:]), []).append(img["id"])
-    matched = []
-    for i, r in enumerate(results):
+    found = []
+    for r in results:
         name = r["file_name"].replace("\\", "/")
         ids = by_suffix.get(name)
         if ids is None:
             parts = name.split("/")
             ids = next((by_name[s] for k in range(1, len(parts))
                         if (s := "/".join(parts[k:])) in by_name), [])
-        if not ids or r["image_id"] in ids:
+        found.append(ids)
+    if not any(found):
+        return results
+    matched = []
+    for i, (r, ids) in enumerate(zip(results, found, strict=True)):
+        if not ids:
+            raise GdistillError(
+                f"{source}: result {i} file_name {r['file_name']!r} is not among the "
+                f"ground-truth images' file names"
+            )
+        if r["image_id"] in ids:
             matched.append(r)
         elif len(ids) == 1:
             matched.append(dict(r, image_id=ids[0]))
