@@ -332,3 +332,11 @@ def test_check_image_files_names_missing_and_empty_files(tmp_path):
     (tmp_path / "img/2.png").write_bytes(b"")
     with pytest.raises(GdistillError, match=r"d.json: image file .*2.png is empty \(0 bytes\)"):
         check_image_files(dataset, tmp_path / "img")
+
+
+def test_json_with_a_byte_order_mark_loads(tmp_path):
+    images = [{"id": 1, "file_name": "a.png", "height": 10, "width": 10}]
+    data = {"images": images, "annotations": [], "categories": [{"id": 1, "name": "crème"}]}
+    path = tmp_path / "bom.json"
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8-sig")
+    assert load_coco(path).class_names == ["crème"]

@@ -316,3 +316,12 @@ def test_results_with_file_names_are_matched_by_file_name():
     gt["images"][0]["file_name"] = "train/a.png"
     with pytest.raises(GdistillError, match="result 0 file_name 'a.png' matches several"):
         evaluate_masks(gt, [dict(predicted[0], file_name="a.png", image_id=5)])
+
+
+def test_files_with_a_byte_order_mark_are_read(tmp_path):
+    mask = square(8, 1, 1, 4)
+    (tmp_path / "gt.json").write_text(json.dumps(make_gt({1: (8, 8)}, [(1, 3, mask)])),
+                                      encoding="utf-8-sig")
+    (tmp_path / "res.json").write_text(json.dumps([result(1, 3, mask, 0.9)]), encoding="utf-8-sig")
+    metrics = evaluate_results_file(tmp_path / "gt.json", tmp_path / "res.json")
+    assert metrics["AP"] == pytest.approx(100.0)

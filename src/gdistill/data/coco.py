@@ -200,7 +200,7 @@ def _read_json(json_path: Path) -> Any:
     if not json_path.is_file():
         raise GdistillError(f"{json_path}: annotation file not found")
     try:
-        text = json_path.read_text(encoding="utf-8")
+        text = json_path.read_text(encoding="utf-8-sig")  # tolerates a BOM (Windows tools)
     except (OSError, UnicodeDecodeError) as e:
         raise GdistillError(f"{json_path}: cannot read file ({_one_line(e)})") from e
     try:

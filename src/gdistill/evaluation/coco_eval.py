@@ -428,7 +428,7 @@ def _read_json(path: Path, what: str) -> Any:
     if not path.is_file():
         raise GdistillError(f"{path}: {what} file not found")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8-sig") as f:  # tolerates a BOM (Windows tools)
             return json.load(f)
     except json.JSONDecodeError as e:
         raise GdistillError(
