@@ -74,6 +74,15 @@ def test_folder_recursive_sorted_filtered(tmp_path):
     assert [u.key for u in unlabelled_from_folder(root)] == keys
 
 
+def test_folder_follows_linked_folders_once(tmp_path):
+    save_image(tmp_path / "elsewhere" / "b.png")
+    root = tmp_path / "pool"
+    save_image(root / "a.png")
+    (root / "linked").symlink_to(tmp_path / "elsewhere")
+    (root / "loop").symlink_to(root)  # a link back up must not recurse forever
+    assert [u.key for u in unlabelled_from_folder(root)] == ["a.png", "linked/b.png"]
+
+
 def test_folder_empty(tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "readme.txt").write_text("x")

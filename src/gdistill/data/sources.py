@@ -45,8 +45,9 @@ def unlabelled_from_coco(
 def unlabelled_from_folder(folder: str | Path) -> list[UnlabelledImage]:
     """All images under ``folder`` (recursive), sorted by relative path.
 
-    Hidden files and folders (name starting with ".") are skipped. Extensions are matched
-    case-insensitively against ``IMAGE_EXTENSIONS``.
+    Hidden files and folders (name starting with ".") are skipped; linked folders are followed
+    (each real folder once). Extensions are matched case-insensitively against
+    ``IMAGE_EXTENSIONS``.
     """
     folder = Path(folder)
     if not folder.exists():
@@ -54,7 +55,13 @@ def unlabelled_from_folder(folder: str | Path) -> list[UnlabelledImage]:
     if not folder.is_dir():
         raise GdistillError(f"{folder}: not a folder")
     keys = []
-    for root, dirs, files in os.walk(folder):
+    seen: set[str] = set()  # real paths walked: linked folders are followed, loops are not
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         rel_root = Path(root).relative_to(folder)
         for name in files:
