@@ -314,10 +314,19 @@ def test_read_size_mismatch(tmp_path):
 
 def test_compressed_rle_total_matches_pycocotools_on_valid_strings():
     rng = np.random.default_rng(0)
-    for _ in range(50):
+    lengths = set()
+    for i in range(60):
         h, w = rng.integers(1, 60, 2)
         mask = np.asfortranarray(rng.random((h, w)) < rng.random(), dtype=np.uint8)
-        assert _compressed_rle_total(mask_utils.encode(mask)["counts"]) == h * w
+        if i % 3 == 0:  # a few long runs: a short string
+            mask = np.asfortranarray(np.zeros((h, w), dtype=np.uint8))
+            mask[h // 3 :, : w // 2] = 1
+        counts = mask_utils.encode(mask)["counts"]
+        lengths.add(len(counts) < 256)
+        assert _compressed_rle_total(counts) == h * w
+        for cut in (1, len(counts) // 2):  # cut short: malformed or too few pixels
+            assert _compressed_rle_total(counts[:-cut]) != h * w
+    assert lengths == {True, False}  # both decoders ran
 
 
 def test_check_image_files_names_missing_and_empty_files(tmp_path):

@@ -79,16 +79,13 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _compressed_rle_total(counts: bytes) -> int | None:
-    """Sum of the runs of a compressed RLE string, decoded as pycocotools' ``rleFrString`` does,
-    or None if the string is malformed (a character outside '0'..'o', a value cut short, a
-    negative run): pycocotools reads such strings past their end into garbage masks."""
+def _compressed_rle_total_short(counts: bytes) -> int | None:
     runs: list[int] = []
     value = shift = 0
     more = False
     for byte in counts:
         c = byte - 48
-        if not 0 <= c < 64:
+        if not 0 <= c < 64 or shift > 11:
             return None
         value |= (c & 0x1F) << (5 * shift)
         more = bool(c & 0x20)
@@ -103,6 +100,37 @@ def _compressed_rle_total(counts: bytes) -> int | None:
             runs.append(value)
             value = shift = 0
     return None if more else sum(runs)
+
+
+def _compressed_rle_total(counts: bytes) -> int | None:
+    """Sum of the runs of a compressed RLE string, decoded as pycocotools' ``rleFrString`` does,
+    or None if the string is malformed (a character outside '0'..'o', a value cut short or too
+    long, a negative run): pycocotools reads such strings past their end into garbage masks.
+    Short strings are decoded in Python, long ones with numpy (each the faster there)."""
+    if len(counts) < 256:
+        return _compressed_rle_total_short(counts)
+    c = np.frombuffer(counts, dtype=np.uint8).astype(np.int64) - 48
+    if c.size == 0:
+        return 0
+    if c.min() < 0 or c.max() > 63:
+        return None
+    ends = (c & 0x20) == 0  # the last character of each value
+    if not ends[-1]:
+        return None
+    last = np.flatnonzero(ends)
+    first = np.concatenate(([0], last[:-1] + 1))
+    if (last - first).max() > 11:  # 12 characters = 60 bits; longer overflows
+        return None
+    shift = 5 * (np.arange(c.size) - np.repeat(first, last - first + 1))
+    values = np.add.reduceat((c & 0x1F) << shift, first)
+    negative = (c[last] & 0x10) != 0
+    values[negative] |= -1 << (shift[last[negative]] + 5)
+    runs = values.copy()  # run m > 2 is stored as a delta to run m - 2
+    runs[3::2] = np.cumsum(values[1::2])[1:]
+    runs[4::2] = np.cumsum(values[2::2])[1:]
+    if runs.min() < 0:
+        return None
+    return int(runs.sum())
 
 
 def _to_rle(segmentation: Any, height: int, width: int, where: str) -> dict:
