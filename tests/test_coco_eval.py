@@ -325,3 +325,12 @@ def test_files_with_a_byte_order_mark_are_read(tmp_path):
     (tmp_path / "res.json").write_text(json.dumps([result(1, 3, mask, 0.9)]), encoding="utf-8-sig")
     metrics = evaluate_results_file(tmp_path / "gt.json", tmp_path / "res.json")
     assert metrics["AP"] == pytest.approx(100.0)
+
+
+def test_ground_truth_with_a_malformed_compressed_rle_is_rejected():
+    mask = square(8, 1, 1, 4)
+    gt = make_gt({1: (8, 8)}, [(1, 3, mask)])
+    gt["annotations"][0]["segmentation"]["counts"] = str(gt["annotations"][0]["segmentation"]
+                                                         ["counts"].encode())  # "b'...'"
+    with pytest.raises(GdistillError, match="annotation 1 has a compressed RLE string that is malformed"):
+        evaluate_masks(gt, [result(1, 3, mask, 0.9)])

@@ -268,6 +268,15 @@ def _load_ground_truth(ground_truth: str | Path | dict) -> tuple[dict, str]:
             raise GdistillError(
                 f"{source}: {name} references unknown category_id {ann['category_id']}"
             )
+        segmentation, img = ann["segmentation"], images[ann["image_id"]]
+        if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, bytes)):
+            counts = segmentation["counts"]
+            raw_counts = counts.encode("ascii", "replace") if isinstance(counts, str) else counts
+            if _compressed_rle_total(raw_counts) != img["height"] * img["width"]:
+                raise GdistillError(
+                    f"{source}: {name} has a compressed RLE string that is malformed or does not "
+                    f"cover its {img['height']}x{img['width']} image"
+                )
         ann = dict(ann, id=index + 1, iscrowd=int(ann.get("iscrowd", 0)))
         if "area" not in ann:
             img = images[ann["image_id"]]
