@@ -8,8 +8,8 @@ from pycocotools import mask as mask_utils
 
 from gdistill.data.coco import (
     CocoAnnotation,
-    _compressed_rle_total,
     check_image_files,
+    compressed_rle_total,
     decode_annotation_mask,
     load_coco,
     load_targets,
@@ -323,9 +323,9 @@ def test_compressed_rle_total_matches_pycocotools_on_valid_strings():
             mask[h // 3 :, : w // 2] = 1
         counts = mask_utils.encode(mask)["counts"]
         lengths.add(len(counts) < 256)
-        assert _compressed_rle_total(counts) == h * w
+        assert compressed_rle_total(counts) == h * w
         for cut in (1, len(counts) // 2):  # cut short: malformed or too few pixels
-            assert _compressed_rle_total(counts[:-cut]) != h * w
+            assert compressed_rle_total(counts[:-cut]) != h * w
     assert lengths == {True, False}  # both decoders ran
 
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from gdistill.config import Config, config_from_dict
 from gdistill.data.augment import resize_for_eval
-from gdistill.data.coco import CocoDataset, _to_uint8, read_image
+from gdistill.data.coco import CocoDataset, read_image, to_uint8
 from gdistill.data.loader import EvalDataset, collate_eval
 from gdistill.engine.checkpoint import load_checkpoint
 from gdistill.engine.evaluate import evaluate_model, predict_batches
@@ -48,7 +48,7 @@ class Predictor:
         if isinstance(image, (str, Path)):
             array = read_image(Path(image))
         elif isinstance(image, Image.Image):
-            array = np.array(_to_uint8(image))  # as read_image does for files (16-bit, P, ...)
+            array = np.array(to_uint8(image))  # as read_image does for files (16-bit, P, ...)
         elif isinstance(image, np.ndarray):
             if image.ndim == 2:
                 image = np.repeat(image[:, :, None], 3, axis=2)

@@ -102,7 +102,7 @@ def _compressed_rle_total_short(counts: bytes) -> int | None:
     return None if more else sum(runs)
 
 
-def _compressed_rle_total(counts: bytes) -> int | None:
+def compressed_rle_total(counts: bytes) -> int | None:
     """Sum of the runs of a compressed RLE string, decoded as pycocotools' ``rleFrString`` does,
     or None if the string is malformed (a character outside '0'..'o', a value cut short or too
     long, a negative run): pycocotools reads such strings past their end into garbage masks.
@@ -186,7 +186,7 @@ def _to_rle(segmentation: Any, height: int, width: int, where: str) -> dict:
             return mask_utils.frPyObjects(segmentation, height, width)
         if isinstance(counts, (str, bytes)):
             counts_bytes = counts.encode("ascii", "replace") if isinstance(counts, str) else counts
-            total = _compressed_rle_total(counts_bytes)
+            total = compressed_rle_total(counts_bytes)
             if total != height * width:
                 raise GdistillError(
                     f"{where} has a compressed RLE string that is malformed or does not cover "
@@ -374,7 +374,7 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
-def _to_uint8(image: Image.Image) -> Image.Image:
+def to_uint8(image: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB uint8."""
     mode = image.mode
     if mode == "RGB":
@@ -411,7 +411,7 @@ def read_image(path: Path, expected_size: tuple[int, int] | None = None) -> np.n
     try:
         with Image.open(path) as image:
             image.load()  # forces the decode so truncated files fail here
-            array = np.array(_to_uint8(image), dtype=np.uint8)
+            array = np.array(to_uint8(image), dtype=np.uint8)
     except (UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise GdistillError(f"{path}: cannot read image ({_one_line(e)})") from e
     except (OSError, SyntaxError, ValueError) as e:
