@@ -247,6 +247,26 @@ def test_train_labelled_set_without_instances(capsys, synth, tmp_path):
     crowd_only = tmp_path / "crowd.json"
     crowd_only.write_text(json.dumps(data))
     fails(capsys, _train_argv(crowd_only, images, tmp_path / "run"), crowd_only, "nothing to train on")
+
+
+def test_labelled_images_without_instances_are_left_out_and_counted(synth, tmp_path):
+    from gdistill.data.coco import load_coco
+    from gdistill.engine.trainer import trainable_images
+
+    train_json, _, _ = synth
+    data = json.loads(train_json.read_text())
+    first, second = data["images"][0]["id"], data["images"][1]["id"]
+    for ann in data["annotations"]:
+        if ann["image_id"] == first:
+            ann["iscrowd"] = 1
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != second]
+    path = tmp_path / "some_empty.json"
+    path.write_text(json.dumps(data))
+    dataset = load_coco(path)
+    with pytest.warns(UserWarning, match=f"some_empty.json: 2 of {len(data['images'])} labelled images"):
+        kept = trainable_images(dataset)
+    assert [img.id for img in kept.images] == [img["id"] for img in data["images"][2:]]
+    assert kept.class_names == dataset.class_names and kept.path == dataset.path
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
@@ -558,3 +578,14 @@ def test_final_line_is_printed_by_the_first_process_only(capsys, monkeypatch):
     monkeypatch.setattr(distributed, "rank", lambda: 1)
     cli._print_final({"student_AP": 1.0, "best_AP": 2.0}, Path("run"))
     assert capsys.readouterr().out == ""
+
+
+def test_train_into_a_run_folder_needs_resume_or_overwrite(capsys, synth, teacher, tmp_path):
+    train_json, _, images = synth
+    fails(capsys, _train_argv(train_json, images, teacher.parent), teacher.parent,
+          "holds a run (last.pt)", "--resume", "--overwrite")
+    earlier = tmp_path / "run"
+    earlier.mkdir()
+    (earlier / "metrics.csv").write_text("step,loss\n1,99\n")
+    assert main([str(a) for a in _train_argv(train_json, images, earlier, "--overwrite")]) == 0
+    assert (earlier / "last.pt").is_file() and "99" not in (earlier / "metrics.csv").read_text()

