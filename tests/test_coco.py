@@ -341,6 +341,15 @@ def test_check_image_files_names_missing_and_empty_files(tmp_path):
     (tmp_path / "img/2.png").write_bytes(b"")
     with pytest.raises(GdistillError, match=r"d.json: image file .*2.png is empty \(0 bytes\)"):
         check_image_files(dataset, tmp_path / "img")
+    # Found from the headers, before training: not an image, another size than the JSON's.
+    (tmp_path / "img/2.png").write_text("not a picture")
+    with pytest.raises(GdistillError, match=r"2.png: cannot read image"):
+        check_image_files(dataset, tmp_path / "img")
+    Image.fromarray(np.zeros((3, 2, 3), np.uint8)).save(tmp_path / "img/2.png")
+    with pytest.raises(GdistillError, match=r"2.png: image is 3x2 \(height x width\) but the annotation"):
+        check_image_files(dataset, tmp_path / "img")
+    Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(tmp_path / "img/2.png")
+    check_image_files(dataset, tmp_path / "img")
 
 
 def test_json_with_a_byte_order_mark_loads(tmp_path):

@@ -102,6 +102,19 @@ def test_folder_empty_files_and_broken_links_fail_upfront(tmp_path):
         unlabelled_from_folder(root)
 
 
+def test_non_images_fail_upfront_in_both_sources(tmp_path):
+    root = tmp_path / "pool"
+    save_image(root / "a.png")
+    (root / "sub").mkdir()
+    (root / "sub" / "b.jpg").write_text("an HTML error page saved as .jpg")
+    with pytest.raises(GdistillError, match=r"pool/sub/b.jpg: cannot read image"):
+        unlabelled_from_folder(root)
+    path = make_coco(tmp_path)
+    (tmp_path / "imgs" / "sub" / "a.png").write_text("not a picture")
+    with pytest.raises(GdistillError, match=r"imgs/sub/a.png: cannot read image"):
+        unlabelled_from_coco(path, tmp_path / "imgs")
+
+
 def test_from_coco_empty_image_file(tmp_path):
     path = make_coco(tmp_path)
     (tmp_path / "imgs" / "b.png").write_bytes(b"")

@@ -417,25 +417,33 @@ def read_image(path: Path, expected_size: tuple[int, int] | None = None) -> np.n
     except (OSError, SyntaxError, ValueError) as e:
         raise GdistillError(f"{path}: corrupt or truncated image ({_one_line(e)})") from e
     if expected_size is not None and tuple(array.shape[:2]) != tuple(expected_size):
-        h, w = array.shape[:2]
         with Image.open(path) as image:
-            orientation = image.getexif().get(0x0112, 1)
-        hint = ""
-        if orientation in (5, 6, 7, 8) and tuple(expected_size) == (w, h):
-            hint = (
-                f"; its EXIF orientation {orientation} displays it rotated, but gdistill reads"
-                " the stored pixels, as COCO sizes and masks do: annotate the stored image, or"
-                " save it rotated without the tag"
-            )
-        raise GdistillError(
-            f"{path}: image is {h}x{w} (height x width) but the annotation file says "
-            f"{expected_size[0]}x{expected_size[1]}{hint}"
-        )
+            raise _size_mismatch(path, array.shape[:2], expected_size, image)
     return array
 
 
+def _size_mismatch(
+    path: Path, size: tuple[int, int], expected: tuple[int, int], image: Image.Image
+) -> GdistillError:
+    """The error for an image whose (H, W) is not the annotation file's."""
+    (h, w), orientation = size, image.getexif().get(0x0112, 1)
+    hint = ""
+    if orientation in (5, 6, 7, 8) and tuple(expected) == (w, h):
+        hint = (
+            f"; its EXIF orientation {orientation} displays it rotated, but gdistill reads"
+            " the stored pixels, as COCO sizes and masks do: annotate the stored image, or"
+            " save it rotated without the tag"
+        )
+    return GdistillError(
+        f"{path}: image is {h}x{w} (height x width) but the annotation file says "
+        f"{expected[0]}x{expected[1]}{hint}"
+    )
+
+
 def check_image_files(dataset: CocoDataset, images_dir: Path) -> None:
-    """Fail before training, not hours into it, when images of ``dataset`` are missing."""
+    """Fail before training, not hours into it, when images of ``dataset`` are missing, empty,
+    not images, or of another size than the annotation file says (headers only: a file cut
+    short after its header still fails when first read)."""
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise GdistillError(f"{images_dir}: image folder not found (for {dataset.path})")
@@ -451,3 +459,18 @@ def check_image_files(dataset: CocoDataset, images_dir: Path) -> None:
         raise GdistillError(
             f"{dataset.path}: image file {images_dir / empty[0]} is empty (0 bytes){more}"
         )
+    for img in dataset.images:
+        check_image_header(images_dir / img.file_name, (img.height, img.width))
+
+
+def check_image_header(path: Path, expected_size: tuple[int, int] | None = None) -> None:
+    """Fail if ``path`` is not a readable image, or not of ``expected_size`` (H, W), from its
+    header alone (fast: the pixels are not decoded)."""
+    try:
+        with Image.open(path) as image:
+            if expected_size is not None and (image.height, image.width) != tuple(expected_size):
+                raise _size_mismatch(path, (image.height, image.width), expected_size, image)
+    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise GdistillError(f"{path}: cannot read image ({_one_line(e)})") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise GdistillError(f"{path}: corrupt image ({_one_line(e)})") from e

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from gdistill.data.coco import load_coco
+from gdistill.data.coco import check_image_header, load_coco
 from gdistill.errors import GdistillError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -25,7 +25,8 @@ def unlabelled_from_coco(
     """Images of a COCO file in JSON order; its annotations are not read.
 
     Args:
-        check_files: fail now, not mid-training, if an image file is missing.
+        check_files: fail now, not mid-training, if an image file is missing, empty or not an
+            image (from its header).
     """
     json_path, images_dir = Path(json_path), Path(images_dir)
     if not images_dir.is_dir():
@@ -38,6 +39,8 @@ def unlabelled_from_coco(
             raise GdistillError(f"{json_path}: image {img.id} file not found: {path}")
         if check_files and path.stat().st_size == 0:
             raise GdistillError(f"{json_path}: image {img.id} file is empty (0 bytes): {path}")
+        if check_files:
+            check_image_header(path)  # sizes are not used: the image is read as it is
         images.append(UnlabelledImage(key=img.file_name, path=path, image_id=img.id))
     return images
 
@@ -78,6 +81,8 @@ def unlabelled_from_folder(folder: str | Path) -> list[UnlabelledImage]:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         problem = "empty image file (0 bytes)" if (folder / bad[0]).is_file() else "broken link"
         raise GdistillError(f"{folder / bad[0]}: {problem}{more}")
+    for key in keys:
+        check_image_header(folder / key)
     return [UnlabelledImage(key=k, path=folder / k, image_id=None) for k in sorted(keys)]
 
 
