@@ -281,7 +281,8 @@ def recovered(distill_runs, tiny_data, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(trainer, "latest_good_checkpoint", spy)
-        train(load_config("demo", TINY), run, tiny_data, resume=True, progress=False)
+        with pytest.warns(UserWarning, match="resuming with the run's own config"):
+            train(load_config("demo", TINY), run, tiny_data, resume=True, progress=False)
     assert len(picked) == 1
     return run, *picked[0]
 

@@ -103,8 +103,10 @@ def test_resume_is_exact_across_the_handover(tiny_data, stage_a, tmp_path):
     killed.mkdir()
     shutil.copy(tmp_path / "full" / "last.prev.pt", killed / "last.pt")
     assert load_checkpoint(killed / "last.pt")["step"] == 3
-    cfg = load_config("demo", TINY)
-    train(cfg, killed, tiny_data, resume=True, progress=False)
+    # Given values the run did not use are named; the run's own are kept.
+    with pytest.warns(UserWarning, match=r"last.pt: resuming with the run's own config; ignored: .*"
+                      r"solver.max_iters=800 \(run: 6\)"):
+        train(load_config("demo", TINY), killed, tiny_data, resume=True, progress=False)
     resumed = load_checkpoint(killed / "last.pt")
     assert resumed["step"] == 6
     assert _equal(_weights(resumed, "model"), _weights(full, "model"))
@@ -144,7 +146,8 @@ def test_stage_a_ema_model_copy_then_average_and_resume(tiny_data, stage_a, tmp_
     killed = tmp_path / "killed"
     killed.mkdir()
     shutil.copy(tmp_path / "four" / "last.prev.pt", killed / "last.pt")
-    train(load_config("demo", TINY), killed, tiny_data, resume=True, progress=False)
+    with pytest.warns(UserWarning, match="resuming with the run's own config"):
+        train(load_config("demo", TINY), killed, tiny_data, resume=True, progress=False)
     assert _equal(_weights(load_checkpoint(killed / "last.pt"), "ema"), ema)
 
 
