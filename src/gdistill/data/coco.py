@@ -79,36 +79,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _compressed_rle_total_short(counts: bytes) -> int | None:
-    runs: list[int] = []
-    value = shift = 0
-    more = False
-    for byte in counts:
-        c = byte - 48
-        if not 0 <= c < 64 or shift > 11:
-            return None
-        value |= (c & 0x1F) << (5 * shift)
-        more = bool(c & 0x20)
-        shift += 1
-        if not more:
-            if c & 0x10:
-                value |= -1 << (5 * shift)
-            if len(runs) > 2:
-                value += runs[-2]
-            if value < 0:
-                return None
-            runs.append(value)
-            value = shift = 0
-    return None if more else sum(runs)
-
-
 def compressed_rle_total(counts: bytes) -> int | None:
     """Sum of the runs of a compressed RLE string, decoded as pycocotools' ``rleFrString`` does,
     or None if the string is malformed (a character outside '0'..'o', a value cut short or too
-    long, a negative run): pycocotools reads such strings past their end into garbage masks.
-    Short strings are decoded in Python, long ones with numpy (each the faster there)."""
-    if len(counts) < 256:
-        return _compressed_rle_total_short(counts)
+    long, a negative run): pycocotools reads such strings past their end into garbage masks."""
     c = np.frombuffer(counts, dtype=np.uint8).astype(np.int64) - 48
     if c.size == 0:
         return 0
