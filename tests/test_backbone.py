@@ -197,8 +197,12 @@ def test_weights_errors(tmp_path):
         TimmBackbone("resnet18", weights_path=tmp_path / "missing.pth")
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a torch file")
-    with pytest.raises(GdistillError, match="bad.pth: cannot read"):
+    with pytest.raises(GdistillError, match=r"bad.pth: cannot read .* \(not a torch.save file"):
         TimmBackbone("resnet18", weights_path=bad)
+    pickled = tmp_path / "module.pth"
+    torch.save({"model": torch.nn.Linear(1, 1)}, pickled)  # a whole module, not its state dict
+    with pytest.raises(GdistillError, match=r"module.pth: .* holds Python objects besides tensors"):
+        TimmBackbone("resnet18", weights_path=pickled)
     notdict = tmp_path / "list.pth"
     torch.save([torch.zeros(1)], notdict)
     with pytest.raises(GdistillError, match="list.pth: not a state dict"):

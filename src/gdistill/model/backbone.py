@@ -375,8 +375,12 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise GdistillError(f"{path}: cannot read as a PyTorch state dict ({first})") from err
+        # torch's own messages here are a bare byte value or advice to disable weights_only.
+        if "Unsupported global" in str(err):
+            reason = "it holds Python objects besides tensors: save the backbone's state_dict()"
+        else:
+            reason = "not a torch.save file, or a damaged one"
+        raise GdistillError(f"{path}: cannot read as a PyTorch state dict ({reason})") from err
     while isinstance(obj, Mapping):
         inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
