@@ -327,10 +327,12 @@ def test_files_with_a_byte_order_mark_are_read(tmp_path):
     assert metrics["AP"] == pytest.approx(100.0)
 
 
-def test_ground_truth_with_a_malformed_compressed_rle_is_rejected():
+def test_ground_truth_file_with_a_malformed_compressed_rle_is_rejected(tmp_path):
+    # Checked when read from a file; a dict passed in is load_coco's, checked when it was loaded.
     mask = square(8, 1, 1, 4)
     gt = make_gt({1: (8, 8)}, [(1, 3, mask)])
     gt["annotations"][0]["segmentation"]["counts"] = str(gt["annotations"][0]["segmentation"]
                                                          ["counts"].encode())  # "b'...'"
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
     with pytest.raises(GdistillError, match="annotation 1 has a compressed RLE string that is malformed"):
-        evaluate_masks(gt, [result(1, 3, mask, 0.9)])
+        evaluate_masks(tmp_path / "gt.json", [result(1, 3, mask, 0.9)])

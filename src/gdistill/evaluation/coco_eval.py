@@ -118,7 +118,8 @@ def evaluate_masks(
     """COCO mask AP of ``results`` against ``ground_truth``.
 
     Args:
-        ground_truth: a COCO instances JSON path, or its parsed dict ("info"/"licenses" optional).
+        ground_truth: a COCO instances JSON path, or its parsed dict ("info"/"licenses" optional;
+            its compressed RLE strings are taken as valid, as ``load_coco``'s ``raw`` has them).
             Neither the dict nor ``results`` is modified.
         results: COCO result dicts (see the module docstring); an empty list is fine. Their
             compressed RLE strings are used as they are (pycocotools' encoder, as in
@@ -234,6 +235,9 @@ def _load_ground_truth(ground_truth: str | Path | dict) -> tuple[dict, str]:
     pycocotools writes into annotation dicts and needs "area", "iscrowd" and non-zero ids
     (an annotation id of 0 reads as "unmatched"), so annotations are copied and completed here.
     """
+    # A file's compressed RLE strings are decoded to check them; a dict (load_coco's raw, passed
+    # at every training evaluation) was checked when it was loaded.
+    decode_strings = not isinstance(ground_truth, dict)
     if isinstance(ground_truth, dict):
         source, raw = "ground truth", ground_truth
     else:
@@ -272,7 +276,11 @@ def _load_ground_truth(ground_truth: str | Path | dict) -> tuple[dict, str]:
                 f"{source}: {name} references unknown category_id {ann['category_id']}"
             )
         segmentation, img = ann["segmentation"], images[ann["image_id"]]
-        if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, bytes)):
+        if (
+            decode_strings
+            and isinstance(segmentation, dict)
+            and isinstance(segmentation.get("counts"), (str, bytes))
+        ):
             counts = segmentation["counts"]
             raw_counts = counts.encode("ascii", "replace") if isinstance(counts, str) else counts
             if compressed_rle_total(raw_counts) != img["height"] * img["width"]:
