@@ -238,6 +238,18 @@ def _set_key(cfg: Any, key: str, value: Any, source: str) -> None:
             target = getattr(target, part)
 
 
+def config_differences(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
+    """``(key, value in a, value in b)`` for every dotted key where the two configs differ."""
+    out = []
+    for key in _all_keys(Config):
+        va, vb = a, b
+        for name in key.split("."):
+            va, vb = getattr(va, name), getattr(vb, name)
+        if va != vb:
+            out.append((key, va, vb))
+    return out
+
+
 def apply_dict(cfg: Config, values: dict[str, Any], source: str) -> Config:
     """Apply a nested dict of overrides in place; unknown keys are errors naming `source`."""
     for key, value in values.items():

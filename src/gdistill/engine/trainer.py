@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from gdistill.config import Config, ModelConfig, config_from_dict, config_to_dict
+from gdistill.config import Config, ModelConfig, config_differences, config_from_dict, config_to_dict
 from gdistill.data.augment import LabelledAugment, UnlabelledAugment
 from gdistill.data.coco import CocoDataset, check_image_files
 from gdistill.data.loader import (
@@ -177,24 +177,13 @@ def _add_scalars(writer, row: dict, prefix: str) -> None:
     writer.flush()
 
 
-def _flat(values: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _warn_config_ignored_on_resume(cfg: Config, run_config: dict, state_path: Path) -> None:
+def _warn_config_ignored_on_resume(given: Config, run: Config, state_path: Path) -> None:
     """A resumed run keeps its own config: name the given values that this ignores."""
-    given, run = _flat(config_to_dict(cfg)), _flat(run_config)
     derived = {"model.num_classes"}  # set from the data by the trainer
     ignored = [
-        f"{k}={given[k]} (run: {run[k]})"
-        for k in given
-        if k in run and k not in derived and given[k] != run[k]
+        f"{key}={mine} (run: {theirs})"
+        for key, mine, theirs in config_differences(given, run)
+        if key not in derived
     ]
     if ignored:
         more = f" and {len(ignored) - 3} more" if len(ignored) > 3 else ""
@@ -281,8 +270,9 @@ def train(
         raise GdistillError(f"{out_dir}: nothing to resume (no last.pt)")
     if resumed is not None:
         state, state_path = resumed
-        _warn_config_ignored_on_resume(cfg, state["config"], state_path)
-        cfg = config_from_dict(state["config"], str(state_path))
+        run_cfg = config_from_dict(state["config"], str(state_path))
+        _warn_config_ignored_on_resume(cfg, run_cfg, state_path)
+        cfg = run_cfg
         stage = state["stage"]
     else:
         state = None
