@@ -1,4 +1,5 @@
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -271,16 +272,50 @@ def test_read_cmyk(tmp_path):
     np.testing.assert_array_equal(out[0], [[255, 255, 255], [0, 255, 255], [0, 0, 0]])
 
 
-def test_exif_orientation_not_applied(tmp_path):
-    image = Image.fromarray(np.zeros((2, 5, 3), dtype=np.uint8))
+def _save_with_orientation(path, array, orientation):
     exif = Image.Exif()
-    exif[0x0112] = 6  # "rotate 90 CW" — must be ignored
-    image.save(tmp_path / "e.jpg", exif=exif.tobytes())
-    assert Image.open(tmp_path / "e.jpg").getexif()[0x0112] == 6
-    assert read_image(tmp_path / "e.jpg", expected_size=(2, 5)).shape == (2, 5, 3)
-    # sizes taken from the rotated display: the error says why
-    with pytest.raises(GdistillError, match="says 5x2; its EXIF orientation 6 displays it rotated"):
-        read_image(tmp_path / "e.jpg", expected_size=(5, 2))
+    exif[0x0112] = orientation
+    Image.fromarray(array).save(path, exif=exif.tobytes())
+
+
+def test_exif_orientation_follows_the_annotation_file(tmp_path):
+    stored = (np.arange(2 * 5 * 3, dtype=np.uint8) * 5).reshape(2, 5, 3)
+    _save_with_orientation(tmp_path / "e.png", stored, 6)  # "turn 90 degrees clockwise"
+    displayed = np.rot90(stored, -1)  # [5, 2, 3]
+    np.testing.assert_array_equal(read_image(tmp_path / "e.png"), displayed)  # no annotation
+    np.testing.assert_array_equal(read_image(tmp_path / "e.png", (5, 2)), displayed)
+    np.testing.assert_array_equal(read_image(tmp_path / "e.png", (2, 5)), stored)
+    with pytest.raises(
+        GdistillError,
+        match=r"e.png: image is 2x5 \(height x width\) \(5x2 as displayed: EXIF orientation 6\)"
+        " but the annotation file says 3x3",
+    ):
+        read_image(tmp_path / "e.png", (3, 3))
+
+
+def test_check_image_files_warns_when_the_size_cannot_tell_the_orientation(tmp_path):
+    rng = np.random.default_rng(0)
+    _save_with_orientation(tmp_path / "wide.png", rng.integers(0, 255, (4, 6, 3), np.uint8), 6)
+    _save_with_orientation(tmp_path / "square.png", rng.integers(0, 255, (4, 4, 3), np.uint8), 8)
+    images = [
+        {"id": 1, "file_name": "wide.png", "height": 4, "width": 6},
+        {"id": 2, "file_name": "square.png", "height": 4, "width": 4},
+    ]
+    (tmp_path / "a.json").write_text(
+        json.dumps({"images": images, "annotations": [], "categories": [{"id": 1, "name": "x"}]})
+    )
+    dataset = load_coco(tmp_path / "a.json")
+    with pytest.warns(
+        UserWarning, match=r"a.json: the EXIF orientation of square.png \(8\) leaves the size unchanged"
+    ):
+        check_image_files(dataset, tmp_path)
+    images.pop()
+    (tmp_path / "a.json").write_text(
+        json.dumps({"images": images, "annotations": [], "categories": [{"id": 1, "name": "x"}]})
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_image_files(load_coco(tmp_path / "a.json"), tmp_path)  # its stored size decides
 
 
 def test_read_missing_image(tmp_path):

@@ -172,9 +172,16 @@ def test_load_model_reads_a_pil_image_as_its_file(checkpoint, tmp_path):
     depth = (np.arange(32 * 40).reshape(32, 40) * 50).astype(np.uint16)  # 16-bit, e.g. depth/IR
     Image.fromarray(depth).save(tmp_path / "d.png")
     predictor = load_model(checkpoint, device="cpu")
-    from_file, from_pil = predictor.predict([tmp_path / "d.png", Image.open(tmp_path / "d.png")])
-    assert torch.equal(from_file.scores, from_pil.scores)
-    assert torch.equal(from_file.masks, from_pil.masks)
+    exif = Image.Exif()
+    exif[0x0112] = 8  # a phone photo stored landscape, displayed turned by 90 degrees
+    Image.fromarray(np.zeros((32, 40, 3), np.uint8)).save(tmp_path / "r.png", exif=exif.tobytes())
+    files = [tmp_path / "d.png", tmp_path / "r.png"]
+    from_file = predictor.predict(files)
+    from_pil = predictor.predict([Image.open(path) for path in files])
+    assert [tuple(inst.masks.shape[1:]) for inst in from_file] == [(32, 40), (40, 32)]
+    for a, b in zip(from_file, from_pil, strict=True):
+        assert torch.equal(a.scores, b.scores)
+        assert torch.equal(a.masks, b.masks)
 
 
 def test_load_model_rejects_an_empty_image(checkpoint):

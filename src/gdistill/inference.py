@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
 from gdistill.config import Config, config_from_dict
@@ -48,7 +48,8 @@ class Predictor:
         if isinstance(image, (str, Path)):
             array = read_image(Path(image))
         elif isinstance(image, Image.Image):
-            array = np.array(to_uint8(image))  # as read_image does for files (16-bit, P, ...)
+            # as read_image does for files: turned as displayed, 16-bit, P, ... converted
+            array = np.array(to_uint8(ImageOps.exif_transpose(image)))
         elif isinstance(image, np.ndarray):
             if image.ndim == 2:
                 image = np.repeat(image[:, :, None], 3, axis=2)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
 from gdistill.errors import GdistillError
@@ -367,14 +367,48 @@ def to_uint8(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def read_image(path: Path, expected_size: tuple[int, int] | None = None) -> np.ndarray:
-    """Read an image file as RGB.
+EXIF_ORIENTATION_TAG = 0x0112
 
-    EXIF orientation is deliberately NOT applied: COCO heights, widths and masks refer to the
-    stored pixels, so rotating would misalign them.
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1-8) of an opened image; 1 (as stored) when absent or unreadable."""
+    try:
+        value = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    except Exception:  # a damaged EXIF block must not stop an image whose pixels are fine
+        return 1
+    return value if value in range(1, 9) else 1
+
+
+def displayed_size(stored_size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """(H, W) of an image as viewers show it: orientations 5-8 turn it by 90 degrees."""
+    h, w = stored_size
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+
+
+def reads_as_displayed(
+    stored_size: tuple[int, int], orientation: int, expected_size: tuple[int, int] | None
+) -> bool:
+    """Whether an image is read turned as its EXIF orientation says.
+
+    Labelling tools disagree on which pixels annotations refer to (VIA, labelme and CVAT draw
+    on the displayed image, older ones on the stored pixels), so the annotation file's size
+    decides: the displayed image when the size is the displayed one (or when there is no
+    annotation), the stored pixels when only the stored size matches. Where both match
+    (a square image turned by 90 degrees, or a flip or half turn) the displayed image wins,
+    as in detectron2.
+    """
+    if orientation == 1:
+        return False
+    return expected_size is None or tuple(expected_size) == displayed_size(stored_size, orientation)
+
+
+def read_image(path: Path, expected_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read an image file as RGB, turned as its EXIF orientation says unless the annotation
+    file's size shows the annotations refer to the stored pixels (``reads_as_displayed``).
 
     Args:
-        expected_size: (H, W) from the annotation file; a different file size is an error.
+        expected_size: (H, W) from the annotation file; a size that is neither the stored nor
+            the displayed one is an error.
 
     Returns:
         uint8 [H, W, 3]
@@ -384,33 +418,33 @@ def read_image(path: Path, expected_size: tuple[int, int] | None = None) -> np.n
         raise GdistillError(f"{path}: image file not found")
     try:
         with Image.open(path) as image:
+            stored, orientation = (image.height, image.width), exif_orientation(image)
+            if expected_size is not None and tuple(expected_size) not in (
+                stored, displayed_size(stored, orientation)
+            ):
+                raise _size_mismatch(path, stored, orientation, expected_size)
             image.load()  # forces the decode so truncated files fail here
+            if reads_as_displayed(stored, orientation, expected_size):
+                image = ImageOps.exif_transpose(image)
             array = np.array(to_uint8(image), dtype=np.uint8)
     except (UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise GdistillError(f"{path}: cannot read image ({_one_line(e)})") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise GdistillError(f"{path}: corrupt or truncated image ({_one_line(e)})") from e
-    if expected_size is not None and tuple(array.shape[:2]) != tuple(expected_size):
-        with Image.open(path) as image:
-            raise _size_mismatch(path, array.shape[:2], expected_size, image)
     return array
 
 
 def _size_mismatch(
-    path: Path, size: tuple[int, int], expected: tuple[int, int], image: Image.Image
+    path: Path, stored: tuple[int, int], orientation: int, expected: tuple[int, int]
 ) -> GdistillError:
     """The error for an image whose (H, W) is not the annotation file's."""
-    (h, w), orientation = size, image.getexif().get(0x0112, 1)
-    hint = ""
-    if orientation in (5, 6, 7, 8) and tuple(expected) == (w, h):
-        hint = (
-            f"; its EXIF orientation {orientation} displays it rotated, but gdistill reads"
-            " the stored pixels, as COCO sizes and masks do: annotate the stored image, or"
-            " save it rotated without the tag"
-        )
+    shown = displayed_size(stored, orientation)
+    turned = ""
+    if shown != stored:
+        turned = f" ({shown[0]}x{shown[1]} as displayed: EXIF orientation {orientation})"
     return GdistillError(
-        f"{path}: image is {h}x{w} (height x width) but the annotation file says "
-        f"{expected[0]}x{expected[1]}{hint}"
+        f"{path}: image is {stored[0]}x{stored[1]} (height x width){turned} but the annotation"
+        f" file says {expected[0]}x{expected[1]}"
     )
 
 
@@ -433,18 +467,36 @@ def check_image_files(dataset: CocoDataset, images_dir: Path) -> None:
         raise GdistillError(
             f"{dataset.path}: image file {images_dir / empty[0]} is empty (0 bytes){more}"
         )
+    undecided = []  # an EXIF orientation that leaves the size as it is: the size cannot tell
     for img in dataset.images:
-        check_image_header(images_dir / img.file_name, (img.height, img.width))
+        size = (img.height, img.width)
+        orientation = check_image_header(images_dir / img.file_name, size)
+        if orientation != 1 and displayed_size(size, orientation) == size:
+            undecided.append((img.file_name, orientation))
+    if undecided:
+        more = f" and {len(undecided) - 1} more" if len(undecided) > 1 else ""
+        warnings.warn(
+            f"{dataset.path}: the EXIF orientation of {undecided[0][0]}{more} ({undecided[0][1]})"
+            " leaves the size unchanged, so the annotation file cannot show which pixels the"
+            " masks refer to: read turned as displayed, as labelling tools show images; if the"
+            " masks were drawn on the stored pixels, save the images without the orientation tag",
+            stacklevel=2,
+        )
 
 
-def check_image_header(path: Path, expected_size: tuple[int, int] | None = None) -> None:
-    """Fail if ``path`` is not a readable image, or not of ``expected_size`` (H, W), from its
-    header alone (fast: the pixels are not decoded)."""
+def check_image_header(path: Path, expected_size: tuple[int, int] | None = None) -> int:
+    """Fail if ``path`` is not a readable image, or of a size that is neither ``expected_size``
+    (H, W) nor that turned as its EXIF orientation says, from its header alone (fast: the
+    pixels are not decoded). Returns the EXIF orientation (1 = none)."""
     try:
         with Image.open(path) as image:
-            if expected_size is not None and (image.height, image.width) != tuple(expected_size):
-                raise _size_mismatch(path, (image.height, image.width), expected_size, image)
+            stored, orientation = (image.height, image.width), exif_orientation(image)
     except (UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise GdistillError(f"{path}: cannot read image ({_one_line(e)})") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise GdistillError(f"{path}: corrupt image ({_one_line(e)})") from e
+    if expected_size is not None and tuple(expected_size) not in (
+        stored, displayed_size(stored, orientation)
+    ):
+        raise _size_mismatch(path, stored, orientation, expected_size)
+    return orientation
