@@ -105,6 +105,8 @@ def test_empty_images_never_labelled(tmp_path):
     assert ids(labelled) == [1000 + i for i in range(1, 20, 2)]
     with pytest.raises(GdistillError, match="11 labelled images requested but only 10 of 20"):
         split_labelled(dataset, count=11)
+    labelled, unlabelled = split_labelled(dataset, fraction=1.0)  # "all": the eligible ones
+    assert ids(labelled) == [1000 + i for i in range(1, 20, 2)] and len(ids(unlabelled)) == 20
 
 
 def test_round_trip(tmp_path):

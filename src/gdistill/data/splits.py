@@ -45,7 +45,7 @@ def split_labelled(
     ``fraction`` is in (0, 1] (0.1 = 10 %, 0.001 = 0.1 %) and gives
     ``floor(fraction * num_images)`` images, counted over ALL images of the file. Only images
     with at least one non-crowd annotation are eligible (training drops the others anyway, like
-    Mask2Former's FILTER_EMPTY_ANNOTATIONS). The choice is ``numpy.random.default_rng(seed)``
+    Mask2Former's FILTER_EMPTY_ANNOTATIONS); ``fraction=1.0`` takes all of them. The choice is ``numpy.random.default_rng(seed)``
     without replacement among the eligible images.
 
     Returns:
@@ -62,6 +62,8 @@ def split_labelled(
     eligible = [
         i for i, img in enumerate(dataset.images) if any(not a.iscrowd for a in img.annotations)
     ]
+    if fraction == 1.0:
+        n = len(eligible)
     if n > len(eligible):
         raise GdistillError(
             f"{path}: {n} labelled images requested but only {len(eligible)} of {num_images} "
