@@ -23,6 +23,7 @@ def _torchrun(*args):
            "--master_port", "29517", "-m", "gdistill", *args, "--quiet", *TINY]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "deprecated" not in done.stderr, done.stderr[-3000:]  # e.g. DDP's broadcast_buffers
     return done
 
 

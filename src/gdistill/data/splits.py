@@ -45,8 +45,8 @@ def split_labelled(
     ``fraction`` is in (0, 1] (0.1 = 10 %, 0.001 = 0.1 %) and gives
     ``floor(fraction * num_images)`` images, counted over ALL images of the file. Only images
     with at least one non-crowd annotation are eligible (training drops the others anyway, like
-    Mask2Former's FILTER_EMPTY_ANNOTATIONS); ``fraction=1.0`` takes all of them. The choice is ``numpy.random.default_rng(seed)``
-    without replacement among the eligible images.
+    Mask2Former's FILTER_EMPTY_ANNOTATIONS); ``fraction=1.0`` takes all of them. The choice is
+    ``numpy.random.default_rng(seed)`` without replacement among the eligible images.
 
     Returns:
         labelled: chosen images (JSON order) + all their annotations + categories + the other

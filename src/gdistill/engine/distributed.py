@@ -6,6 +6,7 @@ plain ``gdistill train`` runs as a single process with world size 1.
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -36,6 +37,17 @@ def init_distributed(device_name: str) -> torch.device:
     if world_size() > 1 and torch.cuda.is_available() and device_name != "cpu":
         return torch.device("cuda", torch.cuda.current_device())
     return None
+
+
+def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` in DistributedDataParallel, buffers not synchronised at each forward (every
+    rank keeps its own BatchNorm statistics, as detectron2 does)."""
+    # torch 2.14 renamed broadcast_buffers to forward_sync_buffers and warns on the old name.
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None, **{sync: False}
+    )
 
 
 def barrier() -> None:

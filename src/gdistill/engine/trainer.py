@@ -353,11 +353,7 @@ def train(
     # every rank applies to its own copy from identical student weights).
     model = student
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            student,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,
-        )
+        model = distributed.wrap_ddp(student, device)
     scheduler = build_scheduler(optimizer, cfg.solver)
     use_scaler = device.type == "cuda" and cfg.solver.amp == "fp16"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
