@@ -41,6 +41,30 @@ def test_tiny_demo_writes_results_plot_and_pictures(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "guided_burnin" in printed and "teacher (stage A)" in printed
 
+    # Interrupted in the guided arm after its first checkpoint: --resume trains that arm on
+    # from step 1 and the finished runs not at all, to the same numbers.
+    seed_dir = tmp_path / "seed0"
+    (seed_dir / "guided_burnin" / "last.pt").unlink()  # last.prev.pt: step 1
+    (tmp_path / "demo_results.json").unlink()
+    finished = {run: (seed_dir / run / "last.pt").stat().st_mtime_ns for run in ("teacher", *ARMS[:2])}
+    started = (seed_dir / "guided_burnin" / "run.json").stat().st_mtime_ns  # written by fresh runs only
+    resumed = run_demo(tmp_path, overrides=TINY, progress=False, tier=tier, resume=True)
+    assert {run: (seed_dir / run / "last.pt").stat().st_mtime_ns for run in finished} == finished
+    assert (seed_dir / "guided_burnin" / "last.pt").exists()
+    assert (seed_dir / "guided_burnin" / "run.json").stat().st_mtime_ns == started
+    for arm in ARMS:
+        assert resumed["per_seed"]["0"][arm] == saved["per_seed"]["0"][arm]
+    assert resumed["teacher"] == saved["teacher"]
+
+
+def test_demo_command_refuses_a_folder_holding_a_demo(tmp_path, capsys):
+    (tmp_path / "seed0" / "teacher").mkdir(parents=True)
+    (tmp_path / "seed0" / "teacher" / "metrics.csv").write_text("step\n")
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    assert "holds a demo (seed0/teacher/metrics.csv); pass --resume" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "new"), "--resume"]) == 2
+    assert "new: no demo to resume there" in capsys.readouterr().err
+
 
 def test_demo_table_shows_spread_over_seeds():
     result = {

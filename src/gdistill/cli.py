@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, default=Path("demo_out"))
     p.add_argument("--full", action="store_true", help="several seeds and a longer budget")
+    p.add_argument(
+        "--resume", action="store_true",
+        help="continue an interrupted demo in --out (each run from its last checkpoint)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds a demo")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds to run (default: the tier's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -223,9 +228,22 @@ def cmd_convert_cityscapes(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from gdistill.demo import run_demo
+    from gdistill.demo import demo_runs_in, run_demo
 
-    run_demo(args.out, full=args.full, seeds=args.seeds, overrides=args.overrides, progress=not args.quiet)
+    found = demo_runs_in(args.out)
+    if args.resume and args.overwrite:
+        raise GdistillError("--resume and --overwrite exclude each other")
+    if args.resume and not found:
+        raise GdistillError(f"{args.out}: no demo to resume there")
+    if found and not (args.resume or args.overwrite):
+        raise GdistillError(
+            f"{args.out}: holds a demo ({found[0].relative_to(args.out)}); pass --resume to "
+            "continue it, --overwrite to start afresh there, or another --out"
+        )
+    run_demo(
+        args.out, full=args.full, seeds=args.seeds, overrides=args.overrides,
+        progress=not args.quiet, resume=args.resume,
+    )
     print(f"results in {args.out / 'demo_results.json'}, curves in {args.out / 'demo_curves.png'}")
 
 

@@ -34,6 +34,7 @@ from gdistill.data.coco import load_coco
 from gdistill.data.sources import unlabelled_from_coco
 from gdistill.data.splits import split_labelled, write_split
 from gdistill.data.synthetic import generate_synthetic
+from gdistill.engine.checkpoint import latest_good_checkpoint
 from gdistill.engine.trainer import TrainingData, train
 
 ARMS = ("supervised", "standard_burnin", "guided_burnin")
@@ -79,7 +80,7 @@ def demo_config(
             f"solver.max_iters={iters}",
             f"solver.lr_steps=[{int(iters * 0.875)}]",
             f"eval_period={eval_period or tier.eval_period}",
-            f"checkpoint_period={iters}",
+            f"checkpoint_period={tier.eval_period}",  # what an interrupted demo resumes from
             f"distill.burnin_iters={tier.burnin_iters}",
             *overrides,
         ],
@@ -130,9 +131,12 @@ def run_demo(
     overrides: list[str] | None = None,
     progress: bool = True,
     tier: DemoTier | None = None,
+    resume: bool = False,
 ) -> dict:
     """Run the demo and return (and write) ``demo_results.json``'s content. ``tier`` replaces
-    the quick / full budgets (tests use a tiny one)."""
+    the quick / full budgets (tests use a tiny one). ``resume``: continue an interrupted demo in
+    ``out_dir``: each training run goes on from its last checkpoint, finished ones are not
+    trained again (the synthetic data is generated again, identically)."""
     tier = tier or (FULL if full else QUICK)
     seeds = list(seeds) if seeds else list(tier.seeds)
     overrides = list(overrides or [])
@@ -166,12 +170,13 @@ def run_demo(
         )
         _say(progress, f"[demo] seed {seed}: teacher on {len(labelled['images'])} labelled images")
         teacher_dir = seed_dir / "teacher"
-        teacher_result = train(
+        teacher_result = _train_or_resume(
             demo_config(tier, seed, tier.teacher_iters, overrides,
                         eval_period=tier.teacher_eval_period),
             teacher_dir,
             data,
-            progress=progress,
+            resume,
+            progress,
         )
         teacher_ckpt = teacher_dir / "best.pt"
         results = {"teacher": {"AP": teacher_result.get("best_AP")}}
@@ -182,7 +187,7 @@ def run_demo(
                 cfg = demo_config(tier, seed, tier.student_iters, overrides, tier.student_lr)
                 cfg.solver.ema_decay = cfg.distill.ema_decay
                 cfg.solver.ema_start = cfg.distill.burnin_iters
-                train(cfg, arm_dir, data, init_weights=teacher_ckpt, progress=progress)
+                _train_or_resume(cfg, arm_dir, data, resume, progress, init_weights=teacher_ckpt)
             else:
                 burn_in = "standard" if arm == "standard_burnin" else "guided"
                 cfg = demo_config(
@@ -192,7 +197,7 @@ def run_demo(
                     [f"distill.burn_in={burn_in}", "distill.student_init=teacher", *overrides],
                     tier.student_lr,
                 )
-                train(cfg, arm_dir, data, teacher_checkpoint=teacher_ckpt, progress=progress)
+                _train_or_resume(cfg, arm_dir, data, resume, progress, teacher_checkpoint=teacher_ckpt)
             results[arm] = _arm_summary(arm_dir, threshold)
             pictures = sorted((arm_dir / "pictures").glob("val_*.png"))
             if pictures and seed == seeds[0]:
@@ -217,6 +222,26 @@ def run_demo(
     _write_plot(out_dir, per_seed)
     print(format_demo_table(result))
     return result
+
+
+def _train_or_resume(
+    cfg: Config, run_dir: Path, data: TrainingData, resume: bool, progress: bool, **start_from
+) -> dict:
+    """One training run of the demo: afresh, or with ``resume`` from the run's last checkpoint
+    when it has one (a finished run returns its results without training)."""
+    if resume and latest_good_checkpoint(run_dir) is not None:
+        return train(cfg, run_dir, data, resume=True, progress=progress)
+    return train(cfg, run_dir, data, progress=progress, **start_from)
+
+
+def demo_runs_in(out_dir: str | Path) -> list[Path]:
+    """The results and training runs of an earlier demo in ``out_dir`` (empty when none)."""
+    out_dir = Path(out_dir)
+    found = [out_dir / "demo_results.json"] if (out_dir / "demo_results.json").exists() else []
+    for run in ("teacher", *ARMS):
+        for name in ("last.pt", "metrics.csv"):
+            found += sorted(out_dir.glob(f"seed*/{run}/{name}"))
+    return found
 
 
 def _mean(values: list[float | None]) -> float | None:
