@@ -112,6 +112,12 @@ def test_require_annotations_false_ignores_annotations(tmp_path):
     assert dataset.images[0].annotations == [] and dataset.num_classes == 0
 
 
+def test_integral_float_sizes_are_read_as_integers(tmp_path):
+    images = [{"id": 1, "file_name": "a.png", "height": 10.0, "width": 12.0}]  # as some tools write
+    image = load_coco(write_json(tmp_path / "f.json", coco_dict(images=images))).images[0]
+    assert (image.height, image.width) == (10, 12) and type(image.height) is int
+
+
 @pytest.mark.parametrize(
     "data, message",
     [
@@ -126,7 +132,15 @@ def test_require_annotations_false_ignores_annotations(tmp_path):
         (coco_dict([ann(5, POLYGON, image_id=9)]), "annotation 5 references unknown image_id 9"),
         (
             coco_dict([ann(5, POLYGON, category_id=4)]),
-            "annotation 5 references unknown category_id 4",
+            r"annotation 5 references unknown category_id 4 \(categories: 1\)",
+        ),
+        (
+            coco_dict([ann(5, POLYGON, category_id="1")]),  # a string id is not the category 1
+            r"annotation 5 references unknown category_id '1' \(categories: 1\)",
+        ),
+        (
+            coco_dict([{k: v for k, v in ann(5, POLYGON).items() if k != "segmentation"}]),
+            r"annotation 5 has no 'segmentation' \(masks are needed, not only boxes\)",
         ),
         (
             coco_dict([ann(5, [[1, 1, 5, 5]])]),
@@ -175,7 +189,11 @@ def test_require_annotations_false_ignores_annotations(tmp_path):
         ),
         (
             coco_dict(images=[{"id": 1, "file_name": "a.png", "height": 0, "width": 10}]),
-            "image 1 needs positive integer height and width",
+            "image 1 needs positive integer height and width, got 0 and 10",
+        ),
+        (
+            coco_dict(images=[{"id": 1, "file_name": "a.png", "height": 10.5, "width": 10}]),
+            "image 1 needs positive integer height and width, got 10.5 and 10",
         ),
     ],
 )

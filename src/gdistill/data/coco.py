@@ -75,6 +75,11 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _integral(value: Any) -> Any:
+    """A float with an integer value (``480.0``) as that int; anything else unchanged."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -227,9 +232,12 @@ def _parse_images(raw: dict, path: Path) -> list[CocoImage]:
         file_name = img.get("file_name")
         if not isinstance(file_name, str) or not file_name:
             raise GdistillError(f"{path}: image {image_id} has no 'file_name'")
-        h, w = img.get("height"), img.get("width")
+        h, w = _integral(img.get("height")), _integral(img.get("width"))  # 480.0 from some tools
         if not (_is_int(h) and _is_int(w) and h > 0 and w > 0):
-            raise GdistillError(f"{path}: image {image_id} needs positive integer height and width")
+            raise GdistillError(
+                f"{path}: image {image_id} needs positive integer height and width, got "
+                f"{img.get('height')!r} and {img.get('width')!r}"
+            )
         images.append(CocoImage(image_id, file_name, h, w, []))
     return images
 
@@ -268,9 +276,12 @@ def _parse_annotations(
         if image is None:
             raise GdistillError(f"{where} references unknown image_id {ann.get('image_id')}")
         if not _is_int(ann.get("category_id")) or ann["category_id"] not in category_ids:
-            raise GdistillError(f"{where} references unknown category_id {ann.get('category_id')}")
+            raise GdistillError(
+                f"{where} references unknown category_id {ann.get('category_id')!r} "
+                f"({_listing(sorted(category_ids), 'no categories')})"
+            )
         if "segmentation" not in ann:
-            raise GdistillError(f"{where} has no 'segmentation'")
+            raise GdistillError(f"{where} has no 'segmentation' (masks are needed, not only boxes)")
         iscrowd = ann.get("iscrowd", 0)
         if iscrowd not in (0, 1):
             raise GdistillError(f"{where} has iscrowd={iscrowd!r}, expected 0 or 1")
@@ -342,6 +353,14 @@ def load_coco(
                 stacklevel=2,
             )
     return CocoDataset(path, images, categories, raw, dropped)
+
+
+def _listing(ids: list[int], none: str) -> str:
+    """``categories: 1, 2, 3`` (at most 10 shown), or ``none``."""
+    if not ids:
+        return f"the file has {none}"
+    shown = ", ".join(str(i) for i in ids[:10])
+    return f"categories: {shown}" + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
 
 
 def _one_line(error: Exception) -> str:
