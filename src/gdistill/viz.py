@@ -87,7 +87,9 @@ def _erode(mask: np.ndarray, steps: int) -> np.ndarray:
 
 
 def _class_name(label: int, class_names: Sequence[str]) -> str:
-    return str(class_names[label]) if 0 <= label < len(class_names) else str(label)
+    if label < 0:
+        return "object"  # a class-agnostic pseudo-label
+    return str(class_names[label]) if label < len(class_names) else str(label)
 
 
 def overlay_instances(
