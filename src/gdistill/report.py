@@ -151,6 +151,8 @@ def pseudo_label_picture(
         d.min_mask_area,
         d.mask_threshold,
         batch["valid"].to(predictor.device),
+        d.duplicate_iou,
+        d.agnostic_threshold,
     )
     targets = [{k: v.cpu() for k, v in t.items()} for t in targets]
     return save_pseudo_label_grid(
