@@ -311,6 +311,24 @@ def test_exif_orientation_follows_the_annotation_file(tmp_path):
         read_image(tmp_path / "e.png", (3, 3))
 
 
+@pytest.mark.parametrize(
+    "orientation, turn",
+    [
+        (2, lambda a: a[:, ::-1]),
+        (3, lambda a: a[::-1, ::-1]),
+        (4, lambda a: a[::-1]),
+        (5, lambda a: a.transpose(1, 0, 2)),
+        (6, lambda a: np.rot90(a, -1)),
+        (7, lambda a: a[::-1, ::-1].transpose(1, 0, 2)),
+        (8, lambda a: np.rot90(a, 1)),
+    ],
+)
+def test_every_exif_orientation_is_turned_as_displayed(tmp_path, orientation, turn):
+    stored = (np.arange(2 * 5 * 3, dtype=np.uint8) * 5).reshape(2, 5, 3)
+    _save_with_orientation(tmp_path / "o.png", stored, orientation)
+    np.testing.assert_array_equal(read_image(tmp_path / "o.png"), turn(stored))
+
+
 def test_check_image_files_warns_when_the_size_cannot_tell_the_orientation(tmp_path):
     rng = np.random.default_rng(0)
     _save_with_orientation(tmp_path / "wide.png", rng.integers(0, 255, (4, 6, 3), np.uint8), 6)

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from gdistill.config import Config, config_from_dict
 from gdistill.data.augment import resize_for_eval
-from gdistill.data.coco import CocoDataset, read_image, to_uint8
+from gdistill.data.coco import CocoDataset, as_displayed, read_image, to_uint8
 from gdistill.data.loader import EvalDataset, collate_eval
 from gdistill.engine.checkpoint import load_checkpoint
 from gdistill.engine.evaluate import evaluate_model, predict_batches
@@ -49,7 +49,7 @@ class Predictor:
             array = read_image(Path(image))
         elif isinstance(image, Image.Image):
             # as read_image does for files: turned as displayed, 16-bit, P, ... converted
-            array = np.array(to_uint8(ImageOps.exif_transpose(image)))
+            array = np.array(to_uint8(as_displayed(image)))
         elif isinstance(image, np.ndarray):
             if image.ndim == 2:
                 image = np.repeat(image[:, :, None], 3, axis=2)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
 from gdistill.errors import GdistillError
@@ -398,6 +398,24 @@ def exif_orientation(image: Image.Image) -> int:
     return value if value in range(1, 9) else 1
 
 
+# How to turn stored pixels into the displayed image, per EXIF orientation (2-8).
+_TO_DISPLAYED = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def as_displayed(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation says (unchanged without one)."""
+    orientation = exif_orientation(image)
+    return image.transpose(_TO_DISPLAYED[orientation]) if orientation != 1 else image
+
+
 def displayed_size(stored_size: tuple[int, int], orientation: int) -> tuple[int, int]:
     """(H, W) of an image as viewers show it: orientations 5-8 turn it by 90 degrees."""
     h, w = stored_size
@@ -444,7 +462,7 @@ def read_image(path: Path, expected_size: tuple[int, int] | None = None) -> np.n
                 raise _size_mismatch(path, stored, orientation, expected_size)
             image.load()  # forces the decode so truncated files fail here
             if reads_as_displayed(stored, orientation, expected_size):
-                image = ImageOps.exif_transpose(image)
+                image = image.transpose(_TO_DISPLAYED[orientation])
             array = np.array(to_uint8(image), dtype=np.uint8)
     except (UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise GdistillError(f"{path}: cannot read image ({_one_line(e)})") from e
