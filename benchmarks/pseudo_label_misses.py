@@ -10,11 +10,7 @@ teacher runs), bucketed by the object's area in pixels of the original image:
 - among localised objects, the query that is most sure an object is there (largest
   1 - p(no-object) among those with IoU >= 0.5): ``fg>0.5`` how often it is sure, ``right_class``
   how often its class is the ground truth's;
-- the most frequent (ground-truth class, that query's class) confusions;
-- with ``--agnostic-threshold``: ``pl_or_agnostic_recall``, the objects found by a class
-  pseudo-label or covered by a class-agnostic one (a query failing the class test with
-  1 - p(no-object) above the threshold and the same area test, ``distill.agnostic_threshold``),
-  and how many class-agnostic pseudo-labels there are and what share covers an object.
+- the most frequent (ground-truth class, that query's class) confusions.
 
 Unlike ``eval.csv``'s ``pl_recall*`` (greedy one-to-one matching by score), an object counts as
 found here when any kept query covers it, so the numbers are an upper bound of that recall.
@@ -41,13 +37,10 @@ from gdistill.engine.evaluate import predict_batches
 from gdistill.inference import load_model
 
 
-def object_rows(
-    model, loader, dataset, score_threshold: float, min_area: float, agnostic_threshold: float = 0.0
-) -> tuple[list[dict], dict]:
-    """One dict per ground-truth object (see the module docstring), and the class-agnostic
-    pseudo-label counts."""
+def object_rows(model, loader, dataset, score_threshold: float, min_area: float) -> list[dict]:
+    """One dict per ground-truth object (see the module docstring)."""
     images_by_id = {img.id: img for img in dataset.images}
-    rows, agnostic_counts = [], {"agnostic_pl": 0, "agnostic_pl_on_an_object": 0}
+    rows = []
     with torch.no_grad():
         for batch, out, _ in predict_batches(model, loader, torch.device("cpu")):
             for i, image_id in enumerate(batch["image_ids"]):
@@ -64,13 +57,6 @@ def object_rows(
                 gt_labels, gt_masks = torch.as_tensor(gt_labels), torch.as_tensor(gt_masks)
                 ious = mask_iou(masks, gt_masks)  # [Q, G]
                 foreground = 1 - probs[:, no_object]
-                passes_class = (labels != no_object) & (scores > score_threshold) & (soft_area > min_area)
-                agnostic = torch.zeros_like(passes_class)
-                if agnostic_threshold > 0:
-                    agnostic = ~passes_class & (foreground > agnostic_threshold) & (soft_area > min_area)
-                    agnostic_counts["agnostic_pl"] += int(agnostic.sum())
-                    on_object = (ious >= 0.5).any(1) if len(gt_labels) else torch.zeros_like(agnostic)
-                    agnostic_counts["agnostic_pl_on_an_object"] += int((agnostic & on_object).sum())
                 for g, cls in enumerate(gt_labels.tolist()):
                     covers = ious[:, g] >= 0.5
                     right = covers & (labels == cls) & (scores > score_threshold)
@@ -80,14 +66,13 @@ def object_rows(
                         "localised": bool(covers.any()),
                         "pl_found": bool((right & (soft_area > min_area)).any()),
                         "area_filtered": bool(right.any() and not (right & (soft_area > min_area)).any()),
-                        "agnostic_found": bool((covers & agnostic).any()),
                     }
                     if covers.any():
                         q = int(torch.where(covers, foreground, torch.full_like(foreground, -1.0)).argmax())
                         row["fg"] = float(foreground[q])
                         row["fg_class"] = int(probs[q, :no_object].argmax())
                     rows.append(row)
-    return rows, agnostic_counts
+    return rows
 
 
 def summarise(rows: list[dict], edges: list[float], class_names: list[str]) -> dict:
@@ -106,9 +91,6 @@ def summarise(rows: list[dict], edges: list[float], class_names: list[str]) -> d
                 "localised": round(sum(r["localised"] for r in part) / n, 3),
                 "pl_recall": round(sum(r["pl_found"] for r in part) / n, 3),
                 "area_filtered": round(sum(r["area_filtered"] for r in part) / n, 3),
-                "pl_or_agnostic_recall": round(
-                    sum(r["pl_found"] or r["agnostic_found"] for r in part) / n, 3
-                ),
                 "localised_fg>0.5": round(sum(r["fg"] > 0.5 for r in found) / m, 3),
                 "localised_right_class": round(sum(r["fg_class"] == r["class"] for r in found) / m, 3),
             }
@@ -133,7 +115,6 @@ def main() -> None:
     parser.add_argument("--images", required=True)
     parser.add_argument("--threshold", type=float, default=0.7)
     parser.add_argument("--min-area", type=float, default=5.0)
-    parser.add_argument("--agnostic-threshold", type=float, default=0.0)
     parser.add_argument("--edges", type=float, nargs="+", default=[100, 200, 400, 800])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -146,10 +127,8 @@ def main() -> None:
         batch_size=cfg.data.eval_batch_size,
         collate_fn=collate_eval,
     )
-    rows, agnostic_counts = object_rows(
-        predictor.model, loader, dataset, args.threshold, args.min_area, args.agnostic_threshold
-    )
-    print(json.dumps(summarise(rows, args.edges, dataset.class_names) | agnostic_counts, indent=1))
+    rows = object_rows(predictor.model, loader, dataset, args.threshold, args.min_area)
+    print(json.dumps(summarise(rows, args.edges, dataset.class_names), indent=1))
 
 
 if __name__ == "__main__":
