@@ -205,22 +205,6 @@ def test_targets_of_other_resolutions(pixel_centre_points):
         assert mixed[key].item() == pytest.approx(base[key].item(), rel=1e-5)
 
 
-def test_class_agnostic_target_teaches_objectness_and_mask(pixel_centre_points):
-    logits = [[0.5, 0.3, -1.0], [0.2, 0.1, 1.5]]
-    mask_logits = [[[2.0, -1.0], [0.5, 3.0]], [[-3.0, -3.0], [-3.0, -3.0]]]
-    tgt = [[True, False], [True, True]]
-    outputs = {"pred_logits": torch.tensor([logits]), "pred_masks": torch.tensor([mask_logits])}
-    losses = make_criterion()(outputs, [{"labels": torch.tensor([-1]), "masks": torch.tensor([tgt])}])
-    # query 0 matches: -log(1 - p(no-object)) with weight 1; query 1: -log p(no-object), 0.1
-    p_object = 1 - torch.tensor(logits[0]).softmax(-1)[2].item()
-    p_none = torch.tensor(logits[1]).softmax(-1)[2].item()
-    ce = 2.0 * (-math.log(p_object) - 0.1 * math.log(p_none)) / 1.1
-    _, bce, dice = hand_losses(logits, mask_logits[0], 0, tgt, matched=0)
-    assert losses["loss_ce"].item() == pytest.approx(ce, rel=1e-5)
-    assert losses["loss_mask"].item() == pytest.approx(bce, rel=1e-5)
-    assert losses["loss_dice"].item() == pytest.approx(dice, rel=1e-5)
-
-
 def test_no_targets_trains_everything_to_no_object():
     logits = torch.randn(2, 3, 3, requires_grad=True)
     masks = torch.randn(2, 3, 4, 4, requires_grad=True)

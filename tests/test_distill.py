@@ -5,9 +5,7 @@ import torch
 
 from gdistill.distill.ema import ema_update
 from gdistill.distill.pseudo_labels import (
-    AGNOSTIC,
     PseudoLabelQuality,
-    class_histogram,
     matched_ground_truth,
     pseudo_labels_from_teacher,
 )
@@ -167,32 +165,3 @@ def test_recall_by_object_size_uses_coco_area_ranges():
     assert other.summary()["pl_recall_large@0.5"] is None  # no large object in its ground truth
     quality.merge(other)
     assert quality.summary()["pl_recall_small@0.5"] == pytest.approx(1 / 2)
-
-
-def test_class_agnostic_pseudo_labels_on_hand_made_outputs():
-    logits = _logits_for(
-        [
-            [0.90, 0.05, 0.05],  # class 0, confident -> class pseudo-label
-            [0.45, 0.45, 0.10],  # an object (0.9), class unsure -> agnostic at 0.8
-            [0.40, 0.35, 0.25],  # an object only at 0.75 -> nothing at 0.8
-            [0.05, 0.05, 0.90],  # no-object
-            [0.50, 0.45, 0.05],  # an object (0.95), but mask too small -> nothing
-        ]
-    )[None]
-    masks = torch.full((1, 5, 4, 4), -10.0)
-    masks[0, :4, :3, :3] = 10.0
-    masks[0, 4, :1, :1] = 10.0
-    plain, _ = pseudo_labels_from_teacher(logits, masks, 0.7, 5.0, 0.5)
-    assert plain[0]["labels"].tolist() == [0]
-    targets, stats = pseudo_labels_from_teacher(logits, masks, 0.7, 5.0, 0.5, agnostic_threshold=0.8)
-    assert targets[0]["labels"].tolist() == [0, AGNOSTIC]
-    assert targets[0]["scores"].tolist() == pytest.approx([0.9, 0.9], abs=1e-6)
-    assert stats["pl_kept"] == 2 and stats["pl_agnostic"] == 1
-    assert class_histogram(targets, 2) == [1, 0]  # agnostic ones are no class
-    # duplicate removal keeps the class pseudo-label over an agnostic one of the same mask,
-    # even when the agnostic one is surer that an object is there (0.95 > 0.9)
-    logits = _logits_for([[0.50, 0.45, 0.05], [0.90, 0.05, 0.05]])[None]
-    same = torch.full((1, 2, 4, 4), -10.0)
-    same[0, :, :3, :3] = 10.0
-    targets, _ = pseudo_labels_from_teacher(logits, same, 0.7, 5.0, 0.5, None, 0.5, 0.8)
-    assert targets[0]["labels"].tolist() == [0]

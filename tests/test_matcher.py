@@ -156,19 +156,3 @@ def test_costs_are_fp32_under_autocast():
         indices = matcher.match(low, targets, [pixel_centres(8, 8)])
     assert cost.dtype == torch.float32
     assert len(indices[0][0]) == 3
-
-
-def test_class_agnostic_target_costs_minus_the_object_probability():
-    outputs, targets = random_case(q=4, m=2)
-    labels = torch.tensor([-1, 2])
-    cost = match_costs(
-        outputs["pred_logits"][0], outputs["pred_masks"][0], labels, targets[0]["masks"],
-        pixel_centres(8, 8),
-    )
-    for i in range(4):
-        logits = outputs["pred_logits"][0, i]
-        any_object = 1 - logits.softmax(-1)[-1].item()
-        mask_part = pair_cost(logits, outputs["pred_masks"][0, i], 0, targets[0]["masks"][0], wc=0.0)
-        assert cost[i, 0].item() == pytest.approx(-2.0 * any_object + mask_part, rel=1e-5, abs=1e-5)
-        expected = pair_cost(logits, outputs["pred_masks"][0, i], 2, targets[0]["masks"][1])
-        assert cost[i, 1].item() == pytest.approx(expected, rel=1e-5, abs=1e-5)

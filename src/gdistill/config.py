@@ -111,9 +111,6 @@ class DistillConfig:
     min_mask_area: float = 5.0  # soft area (sum of sigmoid) at mask resolution must exceed this
     mask_threshold: float = 0.5  # pseudo-mask = sigmoid(logit) > mask_threshold
     duplicate_iou: float = 0.0  # > 0: drop pseudo-labels overlapping a better one (GD: off)
-    # > 0: a query sure of an object (1 - p(no-object) > this) but not of its class gives a
-    # class-agnostic pseudo-label (mask loss, objectness instead of a class; GD: off)
-    agnostic_threshold: float = 0.0
     student_init: str = "pretrained"  # pretrained (fresh heads) | teacher
     diagnostic_thresholds: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -360,10 +357,6 @@ def validate_config(cfg: Config) -> None:
     for key, decay in decays.items():
         if not 0.0 <= decay <= 1.0:
             raise GdistillError(f"config key '{key}' must be in [0, 1], got {decay}")
-    if not 0.0 <= cfg.distill.agnostic_threshold < 1.0:
-        raise GdistillError(
-            f"config key 'distill.agnostic_threshold' must be in [0, 1), got {cfg.distill.agnostic_threshold}"
-        )
     if cfg.solver.ema_start < 0:
         raise GdistillError(f"config key 'solver.ema_start' must be >= 0, got {cfg.solver.ema_start}")
     if cfg.model.hidden_dim % cfg.model.nheads:

@@ -87,9 +87,7 @@ def _erode(mask: np.ndarray, steps: int) -> np.ndarray:
 
 
 def _class_name(label: int, class_names: Sequence[str]) -> str:
-    if label < 0:
-        return "object"  # a class-agnostic pseudo-label
-    return str(class_names[label]) if label < len(class_names) else str(label)
+    return str(class_names[label]) if 0 <= label < len(class_names) else str(label)
 
 
 def overlay_instances(

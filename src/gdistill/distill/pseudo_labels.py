@@ -8,9 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# The label of a class-agnostic pseudo-label: "an object of a class the teacher is not sure of".
-AGNOSTIC = -1
-
 
 @torch.no_grad()
 def pseudo_labels_from_teacher(
@@ -21,7 +18,6 @@ def pseudo_labels_from_teacher(
     mask_threshold: float = 0.5,
     valid: Tensor | None = None,
     duplicate_iou: float = 0.0,
-    agnostic_threshold: float = 0.0,
 ) -> tuple[list[dict[str, Tensor]], dict[str, float]]:
     """Filter the teacher's final predictions into targets (GuidedDistillation's filter).
 
@@ -33,16 +29,9 @@ def pseudo_labels_from_teacher(
     classes exceeds ``score_threshold`` and its soft area (sum of sigmoid over the mask) exceeds
     ``min_mask_area``. With ``duplicate_iou`` > 0, a pseudo-label whose mask overlaps a
     higher-scoring one (of any class) with IoU above it is dropped (GuidedDistillation keeps
-    duplicates; each would be matched to its own student query).
-
-    With ``agnostic_threshold`` > 0 (not in GuidedDistillation), a query that fails the class
-    test but is sure that an object is there (1 - p(no-object) above it, same area test) gives
-    a class-agnostic pseudo-label, label ``AGNOSTIC`` (-1), scored by that probability: a weak
-    teacher often finds an object and hesitates between similar classes, and without it such
-    objects are taught as background. Duplicate removal prefers class pseudo-labels.
-
-    Returns per image ``{"labels": int64 [N], "masks": bool [N, h, w], "scores": [N]}`` and step
-    statistics (kept, candidates, class-agnostic ones, mean score, images with none).
+    duplicates; each would be matched to its own student query). Returns per image
+    ``{"labels": int64 [N], "masks": bool [N, h, w], "scores": [N]}`` and step statistics (kept,
+    candidates, mean score, images with none).
     """
     num_classes = pred_logits.shape[-1] - 1
     probs = pred_logits.float().softmax(-1)
@@ -54,29 +43,18 @@ def pseudo_labels_from_teacher(
     soft_area = mask_probs.flatten(2).sum(-1)  # [B, Q]
     candidates = labels != num_classes
     keep = candidates & (scores > score_threshold) & (soft_area > min_mask_area)
-    agnostic = torch.zeros_like(keep)
-    if agnostic_threshold > 0:
-        foreground = 1.0 - probs[..., num_classes]
-        agnostic = ~keep & (foreground > agnostic_threshold) & (soft_area > min_mask_area)
-        labels = torch.where(agnostic, torch.full_like(labels, AGNOSTIC), labels)
-        scores = torch.where(agnostic, foreground, scores)
-        keep = keep | agnostic
 
     targets = []
     for i in range(pred_logits.shape[0]):
         idx = keep[i].nonzero(as_tuple=True)[0]
         masks = mask_probs[i, idx] > mask_threshold
         if duplicate_iou > 0 and len(idx) > 1:
-            priority = scores[i, idx]
-            if agnostic_threshold > 0:
-                priority = priority + (~agnostic[i, idx]).float()  # class pseudo-labels first
-            unique = suppress_duplicates(masks, priority, duplicate_iou)
+            unique = suppress_duplicates(masks, scores[i, idx], duplicate_iou)
             idx, masks = idx[unique], masks[unique]
         targets.append({"labels": labels[i, idx], "masks": masks, "scores": scores[i, idx]})
     kept = sum(len(t["labels"]) for t in targets)
     stats = {
         "pl_kept": float(kept),
-        "pl_agnostic": float(sum(int((t["labels"] == AGNOSTIC).sum()) for t in targets)),
         "pl_candidates": float(candidates.sum()),
         "pl_mean_score": float(torch.cat([t["scores"] for t in targets]).mean()) if kept else 0.0,
         "pl_images_without": float(sum(1 for t in targets if len(t["labels"]) == 0)),
@@ -98,11 +76,10 @@ def suppress_duplicates(masks: Tensor, scores: Tensor, iou_threshold: float) -> 
 
 
 def class_histogram(targets: Sequence[dict[str, Tensor]], num_classes: int) -> list[int]:
-    """Pseudo-labels per class over a batch (class-agnostic ones not counted)."""
+    """Pseudo-labels per class over a batch."""
     counts = torch.zeros(num_classes, dtype=torch.long)
     for t in targets:
-        labels = t["labels"].cpu()
-        counts += torch.bincount(labels[labels >= 0], minlength=num_classes)
+        counts += torch.bincount(t["labels"].cpu(), minlength=num_classes)
     return counts.tolist()
 
 

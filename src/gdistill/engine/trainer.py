@@ -595,7 +595,6 @@ def train(
                     dist.mask_threshold,
                     ubatch["valid"].to(device),
                     dist.duplicate_iou,
-                    dist.agnostic_threshold,
                 )
             for t in unsup_targets:
                 t.pop("scores")
@@ -664,7 +663,6 @@ def train(
                             "pl_mean_score",
                             "pl_images_without",
                             "pl_per_image",
-                            *(("pl_agnostic",) if dist.agnostic_threshold > 0 else ()),
                         )
                     }
                 )

@@ -93,26 +93,15 @@ class SetCriterion(nn.Module):
     def _loss_labels(
         self, logits: Tensor, targets: list[dict], indices, batch_idx: Tensor, src_idx: Tensor
     ) -> Tensor:
-        """Weighted-mean CE over all B·Q queries; unmatched queries target no-object (K).
-
-        A query matched to a class-agnostic target (label -1) is taught only that some object
-        is there: its term is -log(1 - p(no-object)), with the weight of a class (1).
-        """
+        """Weighted-mean CE over all B·Q queries; unmatched queries target no-object (K)."""
         target_classes = torch.full(
             logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
         )
         matched = [t["labels"][tgt] for t, (_, tgt) in zip(targets, indices, strict=True)]
         target_classes[batch_idx, src_idx] = torch.cat(matched)
-        logits, target_classes = logits.flatten(0, 1).float(), target_classes.flatten()
-        agnostic = target_classes < 0
-        if not agnostic.any():
-            return F.cross_entropy(logits, target_classes, self.empty_weight)
-        known = ~agnostic
-        weights = self.empty_weight[target_classes[known]]
-        nll = F.cross_entropy(logits[known], target_classes[known], reduction="none")
-        log_probs = logits[agnostic].log_softmax(-1)
-        objectness_nll = -torch.logsumexp(log_probs[:, :-1], dim=-1)
-        return ((weights * nll).sum() + objectness_nll.sum()) / (weights.sum() + agnostic.sum())
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(), target_classes.flatten(), self.empty_weight
+        )
 
     def _loss_masks(
         self,

@@ -44,17 +44,12 @@ def match_costs(
 ) -> Tensor:
     """Matching cost of one image, in fp32.
 
-    pred_logits [Q, K+1]; pred_masks [Q, H, W] (logits); tgt_labels int64 [M], -1 for a
-    class-agnostic target (its class cost is minus the probability of any object);
+    pred_logits [Q, K+1]; pred_masks [Q, H, W] (logits); tgt_labels int64 [M];
     tgt_masks [M, h, w] (any resolution, bool or float); coords [P, 2] in [0, 1] (x, y), shared
     by all predictions and targets. Returns cost [Q, M].
     """
     probs = pred_logits.float().softmax(-1)
-    agnostic = tgt_labels < 0
-    if agnostic.any():
-        c_class = -torch.where(agnostic, 1.0 - probs[:, -1:], probs[:, tgt_labels.clamp(min=0)])
-    else:
-        c_class = -probs[:, tgt_labels]
+    c_class = -probs[:, tgt_labels]
     coords = coords.float()  # one set of points for all predictions and targets
     pred_points = point_sample_shared(pred_masks.float(), coords)  # [Q, P]
     tgt_points = point_sample_shared(tgt_masks.to(torch.float32), coords)  # [M, P]
