@@ -152,7 +152,6 @@ def pseudo_label_picture(
         d.mask_threshold,
         batch["valid"].to(predictor.device),
         d.duplicate_iou,
-        d.agnostic_threshold,
     )
     targets = [{k: v.cpu() for k, v in t.items()} for t in targets]
     return save_pseudo_label_grid(
