@@ -584,8 +584,22 @@ def test_train_into_a_run_folder_needs_resume_or_overwrite(capsys, synth, teache
     train_json, _, images = synth
     fails(capsys, _train_argv(train_json, images, teacher.parent), teacher.parent,
           "holds a run (last.pt)", "--resume", "--overwrite")
+    fails(capsys, _train_argv(train_json, images, teacher.parent, "--resume", "--overwrite"),
+          "--resume and --overwrite exclude each other")
     earlier = tmp_path / "run"
     earlier.mkdir()
     (earlier / "metrics.csv").write_text("step,loss\n1,99\n")
     assert main([str(a) for a in _train_argv(train_json, images, earlier, "--overwrite")]) == 0
     assert (earlier / "last.pt").is_file() and "99" not in (earlier / "metrics.csv").read_text()
+
+
+def test_warnings_are_one_line_on_the_command_line(capsys):
+    import warnings
+
+    from gdistill import cli
+
+    line = cli._warning_line(UserWarning("a.json: 3 of 10 labelled\n  images"), UserWarning, "x.py", 7)
+    assert line == "warning: a.json: 3 of 10 labelled images\n"
+    before = warnings.formatwarning
+    assert main(["split", "--annotations", "missing.json", "--fraction", "0.5", "--out", "x"]) == 2
+    assert warnings.formatwarning is before  # restored for whoever called main()

@@ -64,6 +64,8 @@ def test_demo_command_refuses_a_folder_holding_a_demo(tmp_path, capsys):
     assert "holds a demo (seed0/teacher/metrics.csv); pass --resume" in capsys.readouterr().err
     assert main(["demo", "--out", str(tmp_path / "new"), "--resume"]) == 2
     assert "new: no demo to resume there" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path), "--resume", "--overwrite"]) == 2
+    assert "--resume and --overwrite exclude each other" in capsys.readouterr().err
 
 
 def test_demo_table_shows_spread_over_seeds():

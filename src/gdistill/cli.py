@@ -296,6 +296,8 @@ def _print_final(result: dict, out: Path) -> None:
 
 def _check_fresh_run_folder(args: argparse.Namespace) -> None:
     """A new run must not silently replace the checkpoints and logs of an earlier one."""
+    if args.resume and args.overwrite:
+        raise GdistillError("--resume and --overwrite exclude each other")
     if args.resume or args.overwrite:
         return
     found = [name for name in ("last.pt", "best.pt", "metrics.csv") if (args.out / name).exists()]
@@ -455,7 +457,23 @@ def _check_output(args: argparse.Namespace) -> None:
             return
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """Warnings on the command line as the errors are: one line, no source location."""
+    return f"warning: {' '.join(str(message).split())}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    shown_as = warnings.formatwarning
+    warnings.formatwarning = _warning_line
+    try:
+        return _run(argv)
+    finally:
+        warnings.formatwarning = shown_as
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     # Config overrides (key=value) may stand anywhere after the command.
     args, rest = parser.parse_known_args(argv)
