@@ -42,7 +42,7 @@ def init_distributed(device_name: str) -> torch.device:
 def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """``module`` in DistributedDataParallel, buffers not synchronised at each forward (every
     rank keeps its own BatchNorm statistics, as detectron2 does)."""
-    # torch 2.14 renamed broadcast_buffers to forward_sync_buffers and warns on the old name.
+    # Recent torch (2.14 here) names it forward_sync_buffers and warns on broadcast_buffers.
     params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
     sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
     return torch.nn.parallel.DistributedDataParallel(
