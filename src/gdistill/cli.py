@@ -230,9 +230,8 @@ def cmd_convert_cityscapes(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from gdistill.demo import demo_runs_in, run_demo
 
+    _check_resume_flags(args)
     found = demo_runs_in(args.out)
-    if args.resume and args.overwrite:
-        raise GdistillError("--resume and --overwrite exclude each other")
     if args.resume and not found:
         raise GdistillError(f"{args.out}: no demo to resume there")
     if found and not (args.resume or args.overwrite):
@@ -294,10 +293,14 @@ def _print_final(result: dict, out: Path) -> None:
     print(f"outputs in {out}")
 
 
-def _check_fresh_run_folder(args: argparse.Namespace) -> None:
-    """A new run must not silently replace the checkpoints and logs of an earlier one."""
+def _check_resume_flags(args: argparse.Namespace) -> None:
     if args.resume and args.overwrite:
         raise GdistillError("--resume and --overwrite exclude each other")
+
+
+def _check_fresh_run_folder(args: argparse.Namespace) -> None:
+    """A new run must not silently replace the checkpoints and logs of an earlier one."""
+    _check_resume_flags(args)
     if args.resume or args.overwrite:
         return
     found = [name for name in ("last.pt", "best.pt", "metrics.csv") if (args.out / name).exists()]

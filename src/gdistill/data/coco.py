@@ -456,10 +456,7 @@ def read_image(path: Path, expected_size: tuple[int, int] | None = None) -> np.n
     try:
         with Image.open(path) as image:
             stored, orientation = (image.height, image.width), exif_orientation(image)
-            if expected_size is not None and tuple(expected_size) not in (
-                stored, displayed_size(stored, orientation)
-            ):
-                raise _size_mismatch(path, stored, orientation, expected_size)
+            _check_size(path, stored, orientation, expected_size)
             image.load()  # forces the decode so truncated files fail here
             if reads_as_displayed(stored, orientation, expected_size):
                 image = image.transpose(_TO_DISPLAYED[orientation])
@@ -471,15 +468,17 @@ def read_image(path: Path, expected_size: tuple[int, int] | None = None) -> np.n
     return array
 
 
-def _size_mismatch(
-    path: Path, stored: tuple[int, int], orientation: int, expected: tuple[int, int]
-) -> GdistillError:
-    """The error for an image whose (H, W) is not the annotation file's."""
+def _check_size(
+    path: Path, stored: tuple[int, int], orientation: int, expected: tuple[int, int] | None
+) -> None:
+    """Fail when the annotation file's (H, W) is neither the stored nor the displayed size."""
     shown = displayed_size(stored, orientation)
+    if expected is None or tuple(expected) in (stored, shown):
+        return
     turned = ""
     if shown != stored:
         turned = f" ({shown[0]}x{shown[1]} as displayed: EXIF orientation {orientation})"
-    return GdistillError(
+    raise GdistillError(
         f"{path}: image is {stored[0]}x{stored[1]} (height x width){turned} but the annotation"
         f" file says {expected[0]}x{expected[1]}"
     )
@@ -532,8 +531,5 @@ def check_image_header(path: Path, expected_size: tuple[int, int] | None = None)
         raise GdistillError(f"{path}: cannot read image ({_one_line(e)})") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise GdistillError(f"{path}: corrupt image ({_one_line(e)})") from e
-    if expected_size is not None and tuple(expected_size) not in (
-        stored, displayed_size(stored, orientation)
-    ):
-        raise _size_mismatch(path, stored, orientation, expected_size)
+    _check_size(path, stored, orientation, expected_size)
     return orientation
