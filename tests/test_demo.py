@@ -4,16 +4,32 @@ import json
 
 from tiny_config import TINY as TINY_BASE
 
+import gdistill.demo
 from gdistill.cli import main
 from gdistill.demo import ARMS, DemoTier, format_demo_table, run_demo
 
 TINY = [*TINY_BASE, "distill.score_threshold=0.0"]
 
 
-def test_tiny_demo_writes_results_plot_and_pictures(tmp_path, capsys):
+def test_tiny_demo_writes_results_plot_and_pictures(tmp_path, capsys, monkeypatch):
     tier = DemoTier("tiny", train_images=10, val_images=3, fraction=0.4, teacher_iters=2,
                     student_iters=2, burnin_iters=1, eval_period=1, seeds=(0,), image_size=64)
+    step1_guided = tmp_path / "guided_step1.pt"  # kept aside to fake an interruption below
+    drop = gdistill.demo.drop_recovery_copy
+
+    def keep_guided_step1(run_dir):
+        if run_dir.name == "guided_burnin":
+            (run_dir / "last.prev.pt").rename(step1_guided)
+        drop(run_dir)
+
+    monkeypatch.setattr(gdistill.demo, "drop_recovery_copy", keep_guided_step1)
     result = run_demo(tmp_path, overrides=TINY, progress=False, tier=tier)
+    monkeypatch.setattr(gdistill.demo, "drop_recovery_copy", drop)
+    # finished runs keep last.pt (what --resume looks for), not the recovery copy
+    for run in ("teacher", *ARMS):
+        assert (tmp_path / "seed0" / run / "last.pt").is_file()
+        assert not (tmp_path / "seed0" / run / "last.prev.pt").exists()
+    assert step1_guided.is_file()
     saved = json.loads((tmp_path / "demo_results.json").read_text())
     assert saved == json.loads(json.dumps(result))
     for arm in ARMS:
@@ -44,13 +60,15 @@ def test_tiny_demo_writes_results_plot_and_pictures(tmp_path, capsys):
     # Interrupted in the guided arm after its first checkpoint: --resume trains that arm on
     # from step 1 and the finished runs not at all, to the same numbers.
     seed_dir = tmp_path / "seed0"
-    (seed_dir / "guided_burnin" / "last.pt").unlink()  # last.prev.pt: step 1
+    (seed_dir / "guided_burnin" / "last.pt").unlink()
+    step1_guided.rename(seed_dir / "guided_burnin" / "last.prev.pt")
     (tmp_path / "demo_results.json").unlink()
     finished = {run: (seed_dir / run / "last.pt").stat().st_mtime_ns for run in ("teacher", *ARMS[:2])}
     started = (seed_dir / "guided_burnin" / "run.json").stat().st_mtime_ns  # written by fresh runs only
     resumed = run_demo(tmp_path, overrides=TINY, progress=False, tier=tier, resume=True)
     assert {run: (seed_dir / run / "last.pt").stat().st_mtime_ns for run in finished} == finished
     assert (seed_dir / "guided_burnin" / "last.pt").exists()
+    assert not (seed_dir / "guided_burnin" / "last.prev.pt").exists()
     assert (seed_dir / "guided_burnin" / "run.json").stat().st_mtime_ns == started
     for arm in ARMS:
         assert resumed["per_seed"]["0"][arm] == saved["per_seed"]["0"][arm]

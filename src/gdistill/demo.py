@@ -230,8 +230,17 @@ def _train_or_resume(
     """One training run of the demo: afresh, or with ``resume`` from the run's last checkpoint
     when it has one (a finished run returns its results without training)."""
     if resume and latest_good_checkpoint(run_dir) is not None:
-        return train(cfg, run_dir, data, resume=True, progress=progress)
-    return train(cfg, run_dir, data, progress=progress, **start_from)
+        result = train(cfg, run_dir, data, resume=True, progress=progress)
+    else:
+        result = train(cfg, run_dir, data, progress=progress, **start_from)
+    drop_recovery_copy(run_dir)
+    return result
+
+
+def drop_recovery_copy(run_dir: Path) -> None:
+    """Delete a finished run's ``last.prev.pt``: kept in case ``last.pt`` is damaged mid-run, it
+    is not needed once the run is over (about 50 MB per demo run)."""
+    (run_dir / "last.prev.pt").unlink(missing_ok=True)
 
 
 def demo_runs_in(out_dir: str | Path) -> list[Path]:
