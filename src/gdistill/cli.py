@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("synth", help="generate the embedded synthetic dataset (COCO format)")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="dataset folder (images/, train.json, val.json)")
     p.add_argument("--train-images", type=int, default=1000)
     p.add_argument("--val-images", type=int, default=200)
     p.add_argument("--image-size", type=int, default=160)
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="unlabelled pool without the labelled images (default: all images)",
     )
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="folder for labelled.json and unlabelled.json")
 
     p = sub.add_parser("convert-cityscapes", help="Cityscapes fine instance labels to COCO JSON")
     p.add_argument("--root", required=True, type=Path, help="folder holding gtFine/ and leftImg8bit/")
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         "compares supervised-only training, distillation with standard burn-in and with guided "
         "burn-in on the same budget. Quick tier by default; --full for several seeds.",
     )
-    p.add_argument("--out", type=Path, default=Path("demo_out"))
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
     p.add_argument("--full", action="store_true", help="several seeds and a longer budget")
     p.add_argument(
         "--resume", action="store_true",
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--val", type=Path)
     p.add_argument("--val-images", type=Path)
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="run folder")
     p.add_argument("--burn-in", choices=("guided", "standard", "none"), help="burn-in mode (default guided)")
     _add_config_args(p)
 
