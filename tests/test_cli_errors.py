@@ -603,3 +603,51 @@ def test_warnings_are_one_line_on_the_command_line(capsys):
     before = warnings.formatwarning
     assert main(["split", "--annotations", "missing.json", "--fraction", "0.5", "--out", "x"]) == 2
     assert warnings.formatwarning is before  # restored for whoever called main()
+
+
+def _with_invalid_annotation(json_path: Path, out: Path) -> tuple[Path, int]:
+    """A copy of a COCO file whose first annotation is a 2-point polygon; returns (copy, its id)."""
+    raw = json.loads(json_path.read_text())
+    raw["annotations"][0]["segmentation"] = [[10.0, 10.0, 20.0, 10.0]]
+    out.write_text(json.dumps(raw))
+    return out, raw["annotations"][0]["id"]
+
+
+def test_eval_skip_invalid_annotations_scores_without_them(capsys, synth, tmp_path):
+    _, val_json, _ = synth
+    bad, bad_id = _with_invalid_annotation(val_json, tmp_path / "val_bad.json")
+    # The valid ground truth as predictions: 100 AP only if the skipped annotation is not scored.
+    raw = json.loads(bad.read_text())
+    results = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "segmentation": a["segmentation"],
+         "score": 1.0}
+        for a in raw["annotations"]
+        if a["id"] != bad_id
+    ]
+    assert results and all(isinstance(r["segmentation"], dict) for r in results)  # synthetic: RLE
+    predictions = tmp_path / "results.json"
+    predictions.write_text(json.dumps(results))
+    argv = ["eval", "--annotations", bad, "--predictions", predictions, "--out", tmp_path / "m.json"]
+    fails(capsys, argv, "val_bad.json", f"annotation {bad_id}", "--skip-invalid-annotations")
+    assert main([str(a) for a in [*argv, "--skip-invalid-annotations"]]) == 0
+    assert f"skipped invalid annotation: {bad}" in capsys.readouterr().err
+    assert json.loads((tmp_path / "m.json").read_text())["AP"] == pytest.approx(100.0)
+
+
+def test_train_evaluates_a_val_set_with_skipped_annotations(capsys, synth, tmp_path):
+    train_json, val_json, images = synth
+    bad, bad_id = _with_invalid_annotation(val_json, tmp_path / "val_bad.json")
+    out = tmp_path / "run"
+    argv = _train_argv(train_json, images, out, "--val", bad, "--skip-invalid-annotations")
+    argv = [a for a in argv if a != "eval_period=0"] + ["eval_period=1"]
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    assert f"annotation {bad_id}" in capsys.readouterr().err
+    header, row = (out / "eval.csv").read_text().splitlines()[:2]
+    assert "student_AP" in header.split(",") and row
+
+
+def test_report_on_a_folder_that_is_not_a_run(capsys, synth, teacher, tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    fails(capsys, ["report", tmp_path], tmp_path, "not a run folder")
+    # a folder of runs: the message names them
+    fails(capsys, ["report", teacher.parent.parent], "runs inside it", teacher.parent.name)

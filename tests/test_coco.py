@@ -16,7 +16,7 @@ from gdistill.data.coco import (
     load_targets,
     read_image,
 )
-from gdistill.errors import GdistillError
+from gdistill.errors import GdistillError, InvalidAnnotationError
 
 # Hand-made 10x10 case: rows 2..4, columns 2..5 set.
 EXPECTED = np.zeros((10, 10), dtype=bool)
@@ -224,6 +224,10 @@ def test_drop_invalid_keeps_valid_annotations(tmp_path):
         dataset = load_coco(path, drop_invalid=True)
     assert [a.id for a in dataset.images[0].annotations] == [1]
     assert len(dataset.dropped) == 2 and "annotation 2" in dataset.dropped[0]
+    # what evaluation scores against and split writes leaves them out too
+    assert [a["id"] for a in dataset.raw["annotations"]] == [1]
+    with pytest.raises(InvalidAnnotationError, match="annotation 2 has an empty mask"):
+        load_coco(path)
     # Structural errors are still raised.
     path = write_json(tmp_path / "u.json", coco_dict([ann(1, POLYGON, image_id=4)]))
     with pytest.raises(GdistillError, match="unknown image_id 4"):

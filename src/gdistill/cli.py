@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from gdistill.errors import GdistillError
+from gdistill.errors import GdistillError, InvalidAnnotationError
 
 MODEL_CHOICES = ("student", "teacher", "ema")  # the models a checkpoint can hold
 SKIP_HELP = (
@@ -24,7 +24,11 @@ def _load_annotations(path: Path, skip_invalid: bool):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dataset = load_coco(path, drop_invalid=skip_invalid)
+        try:
+            dataset = load_coco(path, drop_invalid=skip_invalid)
+        except InvalidAnnotationError as e:
+            hint = "--skip-invalid-annotations skips such annotations, listing each"
+            raise GdistillError(f"{e} ({hint})") from e
     for message in dataset.dropped:
         print(f"warning: skipped invalid annotation: {message}", file=sys.stderr)
     return dataset
@@ -150,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, help="write metrics JSON here")
     p.add_argument("--device", default="auto")
+    p.add_argument("--skip-invalid-annotations", action="store_true", help=SKIP_HELP)
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("predict", help="segment images: COCO results JSON and overlay pictures")
@@ -338,12 +343,12 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from gdistill.data.coco import load_coco
     from gdistill.evaluation.coco_eval import evaluate_results_file, format_metrics_table
 
-    dataset = load_coco(args.annotations, require_annotations=True)
+    dataset = _load_annotations(args.annotations, args.skip_invalid_annotations)
     if args.predictions:
-        metrics = evaluate_results_file(args.annotations, args.predictions, per_class=True)
+        ground_truth = dataset.raw if dataset.dropped else args.annotations
+        metrics = evaluate_results_file(ground_truth, args.predictions, per_class=True)
         what = str(args.predictions)
     else:
         from gdistill.engine.allocator import keep_freed_memory

@@ -7,3 +7,8 @@ class GdistillError(Exception):
     Messages name the file (or config key) and the problem in one line, e.g.
     ``train.json: annotation 17 references unknown image_id 9``.
     """
+
+
+class InvalidAnnotationError(GdistillError):
+    """An annotation whose mask is invalid (a polygon with fewer than 3 points, an empty mask, a
+    malformed RLE): what ``load_coco(..., drop_invalid=True)`` skips instead of raising."""

@@ -96,7 +96,9 @@ def prediction_picture(
     from gdistill.data.coco import load_coco
     from gdistill.inference import load_model
 
-    dataset = load_coco(val_json)
+    # A training run may have skipped invalid annotations (--skip-invalid-annotations); the
+    # picture draws the valid ones (load_coco warns how many it left out).
+    dataset = load_coco(val_json, drop_invalid=True)
     predictor = load_model(weights, "student", device)
     if predictor.class_names != dataset.class_names:
         raise GdistillError(
@@ -239,6 +241,10 @@ def _summary(
     return "\n".join(lines)
 
 
+# What a run folder holds from its first step on (any one of them marks a run).
+RUN_FILES = ("run.json", "config.yaml", "metrics.csv", "eval.csv", "last.pt", "best.pt")
+
+
 def write_report(
     run_dir: str | Path,
     out_dir: str | Path | None = None,
@@ -254,6 +260,13 @@ def write_report(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise GdistillError(f"{run_dir}: run folder not found")
+    if not any((run_dir / name).is_file() for name in RUN_FILES):
+        runs = sorted(d.name for d in run_dir.iterdir() if d.is_dir() and (d / "run.json").is_file())
+        hint = f" (runs inside it: {', '.join(runs[:5])})" if runs else ""
+        raise GdistillError(
+            f"{run_dir}: not a run folder of `gdistill train` / `distill` (none of {', '.join(RUN_FILES)})"
+            + hint
+        )
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     info = _read_run_info(run_dir)

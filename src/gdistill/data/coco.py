@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
-from gdistill.errors import GdistillError
+from gdistill.errors import GdistillError, InvalidAnnotationError
 
 
 @dataclass
@@ -262,8 +262,11 @@ def _parse_annotations(
     check_masks: bool,
     drop_invalid: bool,
     dropped: list[str],
-) -> None:
+) -> set[int]:
+    """Attach each annotation to its image; returns the ids of those dropped (``drop_invalid``),
+    whose messages are appended to ``dropped``."""
     seen: set[int] = set()
+    dropped_ids: set[int] = set()
     for index, ann in enumerate(raw["annotations"]):
         if not isinstance(ann, dict) or not _is_int(ann.get("id")):
             raise GdistillError(f"{path}: annotations[{index}] has no integer 'id'")
@@ -296,13 +299,15 @@ def _parse_annotations(
                     area = decoded_area
         except GdistillError as e:
             if not drop_invalid:
-                raise
+                raise InvalidAnnotationError(str(e)) from None
             dropped.append(str(e))
+            dropped_ids.add(ann_id)
             continue
         area = float(area) if _is_number(area) else 0.0
         image.annotations.append(
             CocoAnnotation(ann_id, ann["category_id"], ann["segmentation"], int(iscrowd), area)
         )
+    return dropped_ids
 
 
 def load_coco(
@@ -338,7 +343,7 @@ def load_coco(
     categories = _parse_categories(raw, path)
     dropped: list[str] = []
     if require_annotations:
-        _parse_annotations(
+        dropped_ids = _parse_annotations(
             raw,
             path,
             {img.id: img for img in images},
@@ -347,6 +352,9 @@ def load_coco(
             drop_invalid,
             dropped,
         )
+        if dropped_ids:
+            # raw is what evaluation scores against and what split writes: without them too.
+            raw = {**raw, "annotations": [a for a in raw["annotations"] if a["id"] not in dropped_ids]}
         if dropped:
             warnings.warn(
                 f"{path}: dropped {len(dropped)} invalid annotation(s), first: {dropped[0]}",

@@ -135,11 +135,13 @@ def evaluate_masks(
 
 
 def evaluate_results_file(
-    annotations_path: str | Path, results_path: str | Path, per_class: bool = True
+    annotations: str | Path | dict, results_path: str | Path, per_class: bool = True
 ) -> dict:
-    """Evaluate a results JSON file against a COCO annotations file (``gdistill eval``)."""
+    """Evaluate a results JSON file against a COCO annotations file, or against an already
+    loaded and checked COCO dict (``gdistill eval``)."""
     results = load_results(results_path)
-    return _evaluate(Path(annotations_path), results, per_class, None, str(results_path))
+    ground_truth = annotations if isinstance(annotations, dict) else Path(annotations)
+    return _evaluate(ground_truth, results, per_class, None, str(results_path))
 
 
 def format_metrics_table(metrics: dict) -> str:
