@@ -651,3 +651,21 @@ def test_report_on_a_folder_that_is_not_a_run(capsys, synth, teacher, tmp_path):
     fails(capsys, ["report", tmp_path], tmp_path, "not a run folder")
     # a folder of runs: the message names them
     fails(capsys, ["report", teacher.parent.parent], "runs inside it", teacher.parent.name)
+
+
+def test_out_in_a_folder_that_is_not_writable(capsys, tmp_path, monkeypatch):
+    import gdistill.cli
+
+    # Root may write anywhere, so the refusal of the system (os.access) is simulated.
+    monkeypatch.setattr(gdistill.cli.os, "access", lambda path, mode: Path(path) != tmp_path)
+    fails(capsys, ["synth", "--out", tmp_path / "data"], tmp_path / "data", f"{tmp_path} is not writable")
+
+
+def test_system_refusal_mid_command_is_one_line(capsys, tmp_path, monkeypatch):
+    import gdistill.cli
+
+    def full_disk(args):
+        raise OSError(28, "No space left on device", str(tmp_path / "last.pt.tmp"))
+
+    monkeypatch.setitem(gdistill.cli.COMMANDS, "synth", full_disk)
+    fails(capsys, ["synth", "--out", tmp_path / "d"], "last.pt.tmp: No space left on device")

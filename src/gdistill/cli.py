@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -462,6 +463,8 @@ def _check_output(args: argparse.Namespace) -> None:
         if path.exists():
             if not path.is_dir():
                 raise GdistillError(f"{out}: cannot write there, {path} is a file, not a folder")
+            if not os.access(path, os.W_OK | os.X_OK):  # also false on a read-only file system
+                raise GdistillError(f"{out}: cannot write there, {path} is not writable")
             return
 
 
@@ -499,6 +502,13 @@ def _run(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # The system refused: permissions, a full disk, a read-only or vanished folder.
+        if exc.errno is None:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     return 0
 
 
