@@ -669,3 +669,17 @@ def test_system_refusal_mid_command_is_one_line(capsys, tmp_path, monkeypatch):
 
     monkeypatch.setitem(gdistill.cli.COMMANDS, "synth", full_disk)
     fails(capsys, ["synth", "--out", tmp_path / "d"], "last.pt.tmp: No space left on device")
+
+
+def test_distill_names_the_model_keys_it_ignores(capsys, synth, teacher, tmp_path):
+    """The student is built as the teacher: a given model.* value that differs is not silently
+    dropped; the ones that match (all of TINY and the demo preset here) are not listed."""
+    train_json = synth[0]
+    argv = _distill_argv(synth, tmp_path / "run", "--unlabelled", train_json, "--teacher", teacher,
+                         "model.hidden_dim=64", "model.frozen_stages=1")
+    with pytest.warns(UserWarning) as record:
+        assert main([str(a) for a in argv]) == 0
+    warned = [str(w.message) for w in record if "ignored" in str(w.message)]
+    assert warned == [
+        f"{teacher}: the model is built as the teacher's; ignored: model.hidden_dim=64 (teacher: 32)"
+    ]

@@ -264,6 +264,45 @@ def _config_from_args(args: argparse.Namespace):
     return cfg
 
 
+# Model keys a run takes from its own config even when the model comes from a checkpoint.
+HONOURED_MODEL_KEYS = {
+    "model.frozen_stages", "model.frozen_bn", "model.backbone_weights", "model.num_classes"
+}
+
+
+def _warn_model_keys_ignored(args: argparse.Namespace, cfg, checkpoint: Path | None, role: str) -> None:
+    """The model of ``distill`` (from ``--teacher``) and ``train --init-weights`` has the
+    checkpoint's architecture: say which model keys given in --config or key=value that ignores."""
+    import warnings
+
+    import yaml
+
+    from gdistill.config import config_from_dict, resolve_preset
+    from gdistill.engine.checkpoint import load_checkpoint
+
+    if checkpoint is None:
+        return
+    given = {a.split("=", 1)[0] for a in args.overrides if a.startswith("model.")}
+    if args.config:
+        section = (yaml.safe_load(resolve_preset(args.config).read_text()) or {}).get("model")
+        given |= {f"model.{k}" for k in section} if isinstance(section, dict) else set()
+    given -= HONOURED_MODEL_KEYS
+    if not given:
+        return
+    theirs = config_from_dict(load_checkpoint(checkpoint)["config"], str(checkpoint)).model
+    ignored = []
+    for key in sorted(given):
+        name = key.split(".", 1)[1]
+        mine, other = getattr(cfg.model, name, None), getattr(theirs, name, None)
+        if mine != other:
+            ignored.append(f"{key}={mine} ({role}: {other})")
+    if ignored:
+        warnings.warn(
+            f"{checkpoint}: the model is built as the {role}'s; ignored: {', '.join(ignored)}",
+            stacklevel=2,
+        )
+
+
 def _training_data(args: argparse.Namespace, with_unlabelled: bool):
     from gdistill.data.sources import open_unlabelled
     from gdistill.engine.trainer import TrainingData
@@ -322,6 +361,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     _check_fresh_run_folder(args)
     cfg = _config_from_args(args)
+    if not args.resume:
+        _warn_model_keys_ignored(args, cfg, args.init_weights, "checkpoint")
     data = _training_data(args, with_unlabelled=False)
     result = train(
         cfg, args.out, data, resume=args.resume, progress=not args.quiet, init_weights=args.init_weights
@@ -336,6 +377,8 @@ def cmd_distill(args: argparse.Namespace) -> None:
         raise GdistillError("distill needs --teacher (a stage-A checkpoint) unless --resume")
     _check_fresh_run_folder(args)
     cfg = _config_from_args(args)
+    if not args.resume:
+        _warn_model_keys_ignored(args, cfg, args.teacher, "teacher")
     data = _training_data(args, with_unlabelled=True)
     result = train(
         cfg, args.out, data, teacher_checkpoint=args.teacher, resume=args.resume, progress=not args.quiet
