@@ -263,8 +263,16 @@ def test_labelled_images_without_instances_are_left_out_and_counted(synth, tmp_p
     path = tmp_path / "some_empty.json"
     path.write_text(json.dumps(data))
     dataset = load_coco(path)
-    with pytest.warns(UserWarning, match=f"some_empty.json: 2 of {len(data['images'])} labelled images"):
+    crowd = sum(1 for a in data["annotations"] if a.get("iscrowd"))
+    with pytest.warns(UserWarning) as record:
         kept = trainable_images(dataset)
+    assert [str(w.message) for w in record] == [
+        f"{path}: {crowd} of {len(data['annotations'])} annotations are crowd regions (iscrowd=1) and "
+        "are not trained on (as in detectron2, their pixels count as background)",
+        f"{path}: 2 of {len(data['images'])} labelled images have no non-crowd annotation and are not "
+        "trained on",
+    ]
+    assert crowd > 0
     assert [img.id for img in kept.images] == [img["id"] for img in data["images"][2:]]
     assert kept.class_names == dataset.class_names and kept.path == dataset.path
     assert not (tmp_path / "run" / "last.pt").exists()

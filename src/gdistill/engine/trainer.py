@@ -139,7 +139,16 @@ def teacher_from_checkpoint(path: Path, class_names: list[str]) -> tuple[Mask2Fo
 def trainable_images(dataset: CocoDataset) -> CocoDataset:
     """The labelled images with at least one non-crowd annotation, as detectron2's
     FILTER_EMPTY_ANNOTATIONS keeps: the others would teach nothing but background. Says how many
-    it leaves out; none left is an error."""
+    it leaves out, and how many crowd annotations are not trained on; none left is an error."""
+    annotations = [a for img in dataset.images for a in img.annotations]
+    crowd = sum(1 for a in annotations if a.iscrowd)
+    if crowd:
+        # Some converters mark every RLE mask iscrowd=1: the count makes such a file visible.
+        warnings.warn(
+            f"{dataset.path}: {crowd} of {len(annotations)} annotations are crowd regions (iscrowd=1) "
+            "and are not trained on (as in detectron2, their pixels count as background)",
+            stacklevel=3,
+        )
     kept = [img for img in dataset.images if any(not a.iscrowd for a in img.annotations)]
     if not kept:
         raise GdistillError(f"{dataset.path}: no image has a non-crowd annotation, nothing to train on")
