@@ -10,13 +10,13 @@ from gdistill.cli import main
 from gdistill.config import Config, config_to_dict
 from gdistill.data.coco import load_coco
 from gdistill.data.synthetic import generate_synthetic
-from gdistill.engine.checkpoint import save_checkpoint
+from gdistill.engine.checkpoint import load_checkpoint, save_checkpoint
 from gdistill.engine.evaluate import validation_picture
 from gdistill.errors import GdistillError
 from gdistill.evaluation.coco_eval import COCO_STAT_NAMES, load_results
 from gdistill.export import RawOutputs, export_model, fit_to_input, outputs_to_instances
 from gdistill.inference import load_model
-from gdistill.model.mask2former import build_model
+from gdistill.model.mask2former import build_model, instances_from_outputs
 
 NUM_QUERIES = 8
 
@@ -188,6 +188,97 @@ def test_load_model_rejects_an_empty_image(checkpoint):
     predictor = load_model(checkpoint, device="cpu")
     with pytest.raises(GdistillError, match=r"predict: image 1 is empty \(0x5 pixels\)"):
         predictor.predict([np.zeros((4, 4, 3), np.uint8), np.zeros((0, 5, 3), np.uint8)])
+
+
+def _same(a: list, b: list) -> bool:
+    """Two predict results hold the same instances."""
+    return len(a) == len(b) and all(
+        torch.equal(x.scores, y.scores) and torch.equal(x.labels, y.labels) and torch.equal(x.masks, y.masks)
+        for x, y in zip(a, b, strict=False)
+    )
+
+
+def test_load_model_takes_one_image_as_a_list_of_one(checkpoint, mixed_images):
+    root, sizes = mixed_images
+    predictor = load_model(checkpoint, device="cpu")
+    array = np.array(Image.open(root / "a.png"))  # uint8 [40, 56, 3]
+    expected = predictor.predict([array])
+    assert tuple(expected[0].masks.shape[1:]) == sizes["a.png"]
+    for image in (
+        array,
+        torch.from_numpy(array).permute(2, 0, 1),  # tensors are [C, H, W]
+        Image.fromarray(array),
+        root / "a.png",
+        str(root / "a.png"),
+    ):
+        assert _same(predictor.predict(image), expected), type(image).__name__
+    assert _same(predictor.predict(iter([array, array]), batch_size=1), expected * 2)
+    assert predictor.predict([]) == []
+
+
+def test_load_model_takes_gray_and_rgba_arrays(checkpoint):
+    predictor = load_model(checkpoint, device="cpu")
+    gray = np.random.default_rng(0).integers(0, 256, (24, 30), dtype=np.uint8)
+    expected = predictor.predict(np.repeat(gray[:, :, None], 3, axis=2))
+    for image in (gray, gray[:, :, None], torch.from_numpy(gray), torch.from_numpy(gray)[None]):
+        assert _same(predictor.predict(image), expected), tuple(image.shape)
+    rgb = np.random.default_rng(1).integers(0, 256, (24, 30, 3), dtype=np.uint8)
+    rgba = np.dstack([rgb, np.full((24, 30), 7, np.uint8)])  # alpha is dropped
+    assert _same(predictor.predict(rgba), predictor.predict(rgb))
+    assert _same(predictor.predict(torch.from_numpy(rgba).permute(2, 0, 1)), predictor.predict(rgb))
+
+
+@pytest.mark.parametrize(
+    "images, message",
+    [
+        (np.zeros((2, 16, 16, 3), np.uint8), r"got a 4-D ndarray \(2, 16, 16, 3\); pass one image or a list"),
+        (torch.zeros(1, 3, 16, 16, dtype=torch.uint8), r"got a 4-D Tensor .*pass one image or a list"),
+        (np.full((16, 16, 3), 0.5, np.float32), r"image 0: pixels must be uint8 \(0-255\), got float32"),
+        (torch.rand(3, 16, 16), r"image 0: pixels must be uint8 \(0-255\), got torch.float32"),
+        (np.zeros((16, 16, 2), np.uint8), r"image 0: expected an array \[H, W\] or \[H, W, 1\|3\|4\]"),
+        (
+            torch.zeros(16, 16, 3, dtype=torch.uint8),
+            r"image 0: expected a tensor \[H, W\] or \[1\|3\|4, H, W\]",
+        ),
+        ([np.zeros((16, 16, 3), np.uint8), 5], r"image 1: unsupported image type int"),
+        (5, r"expected an image or a list of images, got int"),
+        ({"a.png": 1}, r"expected an image or a list of images, got dict"),
+        (None, r"expected an image or a list of images, got NoneType"),
+        ("nope.png", r"nope.png: image file not found"),
+    ],
+)
+def test_load_model_rejects_bad_images_in_one_line(checkpoint, images, message):
+    predictor = load_model(checkpoint, device="cpu")
+    with pytest.raises(GdistillError, match=message) as info:
+        predictor.predict(images)
+    assert "\n" not in str(info.value)
+
+
+def test_outputs_to_instances_sorts_by_score_as_predict_does():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, NUM_QUERIES, 4, generator=generator)
+    masks = torch.randn(1, NUM_QUERIES, 8, 8, generator=generator)
+    instances = outputs_to_instances(logits.numpy(), masks.numpy(), (32, 32), (20, 24))
+    unsorted = instances_from_outputs(logits, masks, [(32, 32)], [(20, 24)])[0]
+    order = unsorted.scores.argsort(descending=True)
+    assert not torch.equal(order, torch.arange(len(order)))  # the raw order is not by score
+    assert torch.equal(instances.scores, unsorted.scores[order])
+    assert torch.equal(instances.labels, unsorted.labels[order])
+    assert torch.equal(instances.masks, unsorted.masks[order])
+
+
+def test_eval_weights_of_a_run_folder_suggests_its_checkpoint(checkpoint, synth, tmp_path, capsys):
+    run = checkpoint.parent  # holds best.pt
+    argv = ["eval", "--weights", str(run), "--annotations", str(synth / "val.json")]
+    assert main([*argv, "--images", str(synth / "images"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {run}: is a folder, not a checkpoint (did you mean {run / 'best.pt'}?)"
+    (tmp_path / "last.pt").write_bytes(b"")
+    with pytest.raises(GdistillError, match=r"is a folder, not a checkpoint \(did you mean .*last.pt\?\)$"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "last.pt").unlink()
+    with pytest.raises(GdistillError, match=r"is a folder, not a checkpoint$"):
+        load_checkpoint(tmp_path)
 
 
 def test_eval_weights_prints_the_twelve_numbers(checkpoint, synth, tmp_path, capsys):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gdistill.errors import GdistillError
-from gdistill.model.mask2former import Instances, instances_from_outputs
+from gdistill.model.mask2former import Instances, instances_from_outputs, sorted_by_score
 
 FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 17  # GridSample (deformable attention) needs opset >= 16
@@ -132,7 +132,11 @@ def outputs_to_instances(
     top_k: int = 100,
 ) -> Instances:
     """Raw outputs of one image ([1, Q, K+1], [1, Q, H/4, W/4], arrays or tensors) → instances
-    at ``orig_size``; ``image_size`` is the (h, w) returned by :func:`fit_to_input`."""
+    at ``orig_size`` (scores [N], labels [N], masks bool [N, H, W]), sorted by score as
+    :meth:`gdistill.inference.Predictor.predict` returns them; ``image_size`` is the (h, w)
+    returned by :func:`fit_to_input`."""
     logits = torch.as_tensor(np.asarray(pred_logits))
     masks = torch.as_tensor(np.asarray(pred_masks))
-    return instances_from_outputs(logits, masks, [tuple(image_size)], [tuple(orig_size)], top_k)[0]
+    return sorted_by_score(
+        instances_from_outputs(logits, masks, [tuple(image_size)], [tuple(orig_size)], top_k)[0]
+    )

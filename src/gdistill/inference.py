@@ -3,10 +3,13 @@
 from gdistill import load_model
 model = load_model("runs/student/best.pt")
 instances = model.predict(["a.jpg", "b.png"])   # list of Instances(scores, labels, masks)
+instances = model.predict("a.jpg")              # one image: a list of one
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +25,15 @@ from gdistill.engine.checkpoint import load_checkpoint
 from gdistill.engine.evaluate import evaluate_model, predict_batches
 from gdistill.engine.trainer import resolve_device
 from gdistill.errors import GdistillError
-from gdistill.model.mask2former import Instances, Mask2Former, build_model
+from gdistill.model.mask2former import Instances, Mask2Former, build_model, sorted_by_score
+
+# What Predictor.predict takes as one image (see its docstring for the array shapes).
+ImageLike = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
+_SINGLE_IMAGE = (str, os.PathLike, Image.Image, np.ndarray, torch.Tensor)
+_NOT_UINT8 = (
+    "predict: image {index}: pixels must be uint8 (0-255), got {dtype}; "
+    "scale float images to 0-255 and convert them to uint8 first"
+)
 
 
 class Predictor:
@@ -44,37 +55,29 @@ class Predictor:
         self.device = device
         self.which = which
 
-    def _to_tensor(self, image) -> torch.Tensor:
-        if isinstance(image, (str, Path)):
-            array = read_image(Path(image))
-        elif isinstance(image, Image.Image):
-            # as read_image does for files: turned as displayed, 16-bit, P, ... converted
-            array = np.array(to_uint8(as_displayed(image)))
-        elif isinstance(image, np.ndarray):
-            if image.ndim == 2:
-                image = np.repeat(image[:, :, None], 3, axis=2)
-            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-                raise GdistillError(
-                    f"predict: expected a uint8 array [H, W, 3], got {image.dtype} {image.shape}"
-                )
-            array = image
-        elif isinstance(image, torch.Tensor):
-            if image.ndim != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
-                raise GdistillError(
-                    f"predict: expected a uint8 tensor [3, H, W], got {image.dtype} {tuple(image.shape)}"
-                )
-            return image
-        else:
-            raise GdistillError(f"predict: unsupported image type {type(image).__name__}")
-        return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
-
     @torch.no_grad()
-    def predict(self, images: list, score_threshold: float = 0.0, batch_size: int = 4) -> list[Instances]:
-        """Images (paths, PIL images, uint8 arrays [H, W, 3] or tensors [3, H, W]) → instances at
-        each image's own size, sorted by score, those below ``score_threshold`` dropped."""
+    def predict(
+        self,
+        images: ImageLike | Sequence[ImageLike] | Iterator[ImageLike],
+        score_threshold: float = 0.0,
+        batch_size: int = 4,
+    ) -> list[Instances]:
+        """Instances of each image at its own size, sorted by score, those below ``score_threshold``
+        dropped.
+
+        Args:
+            images: one image or a sequence of images. An image is a file path (str or
+                os.PathLike), a PIL image, a uint8 array [H, W] or [H, W, C], or a uint8 tensor
+                [H, W] or [C, H, W], with C = 1 (gray), 3 (RGB) or 4 (RGBA, alpha dropped). Float
+                images are refused: scale them to 0-255 and convert to uint8 first. A 4-D array
+                or tensor is refused: pass a list of images.
+        Returns:
+            one result per image (a list, also for one image; empty for no images): scores [N],
+            labels [N], masks bool [N, H, W].
+        """
         samples = []
-        for index, image in enumerate(images):
-            tensor = self._to_tensor(image)
+        for index, image in enumerate(_as_image_list(images)):
+            tensor = _to_tensor(image, index)
             orig = tuple(tensor.shape[-2:])
             if min(orig) == 0:
                 raise GdistillError(f"predict: image {index} is empty ({orig[0]}x{orig[1]} pixels)")
@@ -86,16 +89,58 @@ class Predictor:
             self.model, loader, self.device, self.cfg.model.detections_per_image, self.cfg.solver.amp
         ):
             for inst in instances:
-                keep = inst.scores >= score_threshold
-                order = inst.scores[keep].argsort(descending=True)
-                out.append(
-                    Instances(
-                        inst.scores[keep][order].cpu(),
-                        inst.labels[keep][order].cpu(),
-                        inst.masks[keep][order].cpu(),
-                    )
-                )
+                kept = sorted_by_score(inst, score_threshold)
+                out.append(Instances(kept.scores.cpu(), kept.labels.cpu(), kept.masks.cpu()))
         return out
+
+
+def _as_image_list(images: ImageLike | Sequence[ImageLike] | Iterator[ImageLike]) -> list:
+    """``predict``'s ``images`` as a list: one image becomes a list of one."""
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        raise GdistillError(
+            f"predict: got a 4-D {type(images).__name__} {tuple(images.shape)}; "
+            "pass one image or a list of images"
+        )
+    if isinstance(images, _SINGLE_IMAGE):
+        return [images]
+    if isinstance(images, (list, tuple, Iterator)):
+        return list(images)
+    raise GdistillError(f"predict: expected an image or a list of images, got {type(images).__name__}")
+
+
+def _to_tensor(image: ImageLike, index: int) -> torch.Tensor:
+    """One image (see ``Predictor.predict``) → uint8 [3, H, W]."""
+    if isinstance(image, (str, os.PathLike)):
+        return torch.from_numpy(read_image(Path(image))).permute(2, 0, 1)
+    if isinstance(image, Image.Image):
+        # as read_image does for files: turned as displayed, 16-bit, P, ... converted
+        return torch.from_numpy(np.array(to_uint8(as_displayed(image)))).permute(2, 0, 1)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise GdistillError(_NOT_UINT8.format(index=index, dtype=image.dtype))
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+            raise GdistillError(
+                f"predict: image {index}: expected an array [H, W] or [H, W, 1|3|4], got {image.shape}"
+            )
+        return _rgb(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+    if isinstance(image, torch.Tensor):
+        if image.dtype != torch.uint8:
+            raise GdistillError(_NOT_UINT8.format(index=index, dtype=image.dtype))
+        if image.ndim == 2:
+            image = image[None]
+        if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
+            raise GdistillError(
+                f"predict: image {index}: expected a tensor [H, W] or [1|3|4, H, W], got {tuple(image.shape)}"
+            )
+        return _rgb(image)
+    raise GdistillError(f"predict: image {index}: unsupported image type {type(image).__name__}")
+
+
+def _rgb(image: torch.Tensor) -> torch.Tensor:
+    """[C, H, W] with C = 1, 3 or 4 → [3, H, W]: gray repeated, alpha dropped."""
+    return image.expand(3, -1, -1) if image.shape[0] == 1 else image[:3]
 
 
 # --model name -> (checkpoint key, what to say when the checkpoint lacks it)

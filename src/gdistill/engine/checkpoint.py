@@ -49,9 +49,13 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a gdistill checkpoint on the CPU; a missing, truncated or foreign file is a one-line
-    error naming it."""
+    """Load a gdistill checkpoint on the CPU; a missing, truncated or foreign file, or a run folder
+    given for its checkpoint, is a one-line error naming it."""
     path = Path(path)
+    if path.is_dir():
+        guess = next((path / name for name in ("best.pt", "last.pt") if (path / name).is_file()), None)
+        hint = f" (did you mean {guess}?)" if guess else ""
+        raise GdistillError(f"{path}: is a folder, not a checkpoint{hint}")
     if not path.is_file():
         raise GdistillError(f"{path}: checkpoint not found")
     try:

@@ -25,6 +25,13 @@ class Instances:
     masks: Tensor
 
 
+def sorted_by_score(instances: Instances, min_score: float = float("-inf")) -> Instances:
+    """The instances scoring at least ``min_score``, in descending score order."""
+    keep = (instances.scores >= min_score).nonzero().flatten()
+    order = keep[instances.scores[keep].argsort(descending=True)]
+    return Instances(instances.scores[order], instances.labels[order], instances.masks[order])
+
+
 class Mask2Former(nn.Module):
     """Images in [0, 1] → ``{"pred_logits": [B, Q, K+1], "pred_masks": [B, Q, H/4, W/4],
     "aux_outputs": [...]}``. Normalisation with ImageNet statistics happens inside."""
