@@ -254,6 +254,13 @@ def test_load_model_rejects_bad_images_in_one_line(checkpoint, images, message):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("batch_size", [0, -1, 1.5])
+def test_load_model_rejects_a_batch_size_below_one(checkpoint, batch_size):
+    predictor = load_model(checkpoint, device="cpu")
+    with pytest.raises(GdistillError, match=f"batch_size must be a positive integer, got {batch_size}"):
+        predictor.predict(np.zeros((16, 16, 3), np.uint8), batch_size=batch_size)
+
+
 def test_outputs_to_instances_sorts_by_score_as_predict_does():
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(1, NUM_QUERIES, 4, generator=generator)

@@ -75,6 +75,8 @@ class Predictor:
             one result per image (a list, also for one image; empty for no images): scores [N],
             labels [N], masks bool [N, H, W].
         """
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise GdistillError(f"predict: batch_size must be a positive integer, got {batch_size!r}")
         samples = []
         for index, image in enumerate(_as_image_list(images)):
             tensor = _to_tensor(image, index)
