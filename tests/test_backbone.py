@@ -235,3 +235,28 @@ def test_packaged_efficientnet_lite0_weights_load():
     )
     # Real ImageNet statistics, not the init values.
     assert not torch.allclose(bb.body.bn1.running_var, torch.ones_like(bb.body.bn1.running_var))
+
+
+
+@pytest.mark.parametrize("resolves", [False, True])
+def test_fetching_pretrained_weights_without_network_runs_the_hub_offline(monkeypatch, resolves):
+    """Where the Hub's host does not resolve, timm's fetch runs with the Hub client offline
+    (cached weights load, missing ones fail at once instead of after its retries); the failure is
+    our one line and the client's setting is restored."""
+    from huggingface_hub import constants as hub
+
+    import gdistill.model.backbone as backbone
+
+    seen = []
+
+    def fetch(name, pretrained, **kwargs):
+        seen.append(hub.HF_HUB_OFFLINE)
+        raise FileNotFoundError("not in the local cache")
+
+    monkeypatch.setattr(backbone, "_resolves", lambda url: resolves)
+    monkeypatch.setattr(backbone.timm, "create_model", fetch)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    with pytest.raises(GdistillError, match=r"model.backbone=resnet18: could not fetch timm's pretrained"):
+        build_backbone("resnet18", pretrained=True, weights_path="", frozen_stages=0)
+    assert seen and all(offline is not resolves for offline in seen)
+    assert hub.HF_HUB_OFFLINE is False

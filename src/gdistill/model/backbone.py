@@ -22,11 +22,16 @@ Input normalisation is not done here; the model normalises images before the bac
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import importlib.util
+import logging
 import math
-from collections.abc import Mapping
+import os
+import socket
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -45,9 +50,48 @@ def _is_plain_vit(name: str) -> bool:
     return arch.startswith(("vit_", "deit")) or "dinov2" in arch
 
 
+def _resolves(url: str) -> bool:
+    """Whether the host of ``url`` has an address (True behind a proxy, which resolves for us)."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    try:
+        socket.getaddrinfo(urlparse(url).hostname or "", 443)
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _hub_fetching() -> Iterator[None]:
+    """While timm fetches pretrained weights: the Hugging Face Hub client's per-retry log lines
+    are silenced (a failure is our one error line), and where the Hub's host does not resolve
+    (no network) the client runs offline, so cached weights load at once and missing ones fail
+    at once instead of after about 50 s of retries."""
+    try:
+        from huggingface_hub import constants as hub
+    except ImportError:  # timm without the Hub client fetches from plain URLs
+        yield
+        return
+    logger = logging.getLogger("huggingface_hub")
+    level, offline = logger.level, hub.HF_HUB_OFFLINE
+    logger.setLevel(logging.ERROR)
+    if not offline and not _resolves(hub.ENDPOINT):
+        hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        hub.HF_HUB_OFFLINE = offline
+
+
 def _create(name: str, pretrained: bool, try_dynamic: bool, **kwargs) -> nn.Module:
     """timm.create_model, first with ``dynamic_img_size=True`` (Swin, ViT), then without it for
     models whose constructor rejects the argument (CNNs)."""
+    with _hub_fetching() if pretrained else contextlib.nullcontext():
+        return _create_model(name, pretrained, try_dynamic, **kwargs)
+
+
+def _create_model(name: str, pretrained: bool, try_dynamic: bool, **kwargs) -> nn.Module:
     try:
         if try_dynamic:
             try:
