@@ -691,3 +691,13 @@ def test_distill_names_the_model_keys_it_ignores(capsys, synth, teacher, tmp_pat
     assert warned == [
         f"{teacher}: the model is built as the teacher's; ignored: model.hidden_dim=64 (teacher: 32)"
     ]
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["export", "--weights", "w.pt", "--out", "{tmp}/m.onnx", "--opset", "99"],
+     ["ONNX opset must be from 16", "got 99"]),
+    (["export", "--weights", "w.pt", "--out", "{tmp}/m.onnx", "--opset", "15"], ["got 15"]),
+    (["report", "{tmp}", "--num-images", "0"], ["--num-images must be at least 1, got 0"]),
+])
+def test_out_of_range_flags_stop_before_any_work(capsys, tmp_path, argv, fragments):
+    fails(capsys, [a.replace("{tmp}", str(tmp_path)) for a in argv], *fragments)

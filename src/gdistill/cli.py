@@ -438,6 +438,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from gdistill.report import write_report
 
+    if args.num_images < 1:
+        raise GdistillError(f"--num-images must be at least 1, got {args.num_images}")
+
     done = write_report(
         args.run,
         args.out,

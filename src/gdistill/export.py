@@ -66,6 +66,15 @@ def _export_onnx(module: nn.Module, example: Tensor, out: Path, opset: int) -> N
     )
 
 
+def _max_onnx_opset() -> int:
+    """The newest opset torch's TorchScript-based ONNX exporter writes."""
+    try:
+        from torch.onnx import _constants
+    except ImportError:  # a torch that moved its private constants: let the exporter decide
+        return 10**6
+    return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", _constants.ONNX_MAX_OPSET))
+
+
 def export_model(
     weights: str | Path,
     out: str | Path,
@@ -83,8 +92,11 @@ def export_model(
         raise GdistillError(f"export format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if height <= 0 or width <= 0 or height % 32 or width % 32:
         raise GdistillError(f"export size must be positive multiples of 32, got {height}x{width}")
-    if fmt == "onnx" and opset < 16:
-        raise GdistillError(f"ONNX opset must be at least 16 (GridSample), got {opset}")
+    if fmt == "onnx" and not 16 <= opset <= _max_onnx_opset():
+        raise GdistillError(
+            f"ONNX opset must be from 16 (GridSample) to {_max_onnx_opset()} (this torch's exporter), "
+            f"got {opset}"
+        )
     if fmt == "onnx" and importlib.util.find_spec("onnx") is None:
         raise GdistillError("ONNX export needs the onnx package (pip install onnx)")
     predictor = load_model(weights, model, device="cpu")
