@@ -433,3 +433,14 @@ def test_json_with_a_byte_order_mark_loads(tmp_path):
     path = tmp_path / "bom.json"
     path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8-sig")
     assert load_coco(path).class_names == ["crème"]
+
+
+def test_windows_folder_separators_in_file_names_are_read_as_folders(tmp_path):
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    Image.fromarray(np.full((10, 10, 3), 7, np.uint8)).save(tmp_path / "images" / "train" / "a.png")
+    images = [{"id": 1, "file_name": "train\\a.png", "height": 10, "width": 10}]
+    dataset = load_coco(write_json(tmp_path / "w.json", coco_dict([ann(1, POLYGON)], images=images)))
+    assert dataset.images[0].file_name == "train/a.png"
+    assert dataset.raw["images"][0]["file_name"] == "train\\a.png"  # split writes the file as it was
+    pixels = read_image(tmp_path / "images" / dataset.images[0].file_name, (10, 10))
+    assert pixels.shape == (10, 10, 3) and int(pixels[0, 0, 0]) == 7

@@ -238,7 +238,8 @@ def _parse_images(raw: dict, path: Path) -> list[CocoImage]:
                 f"{path}: image {image_id} needs positive integer height and width, got "
                 f"{img.get('height')!r} and {img.get('width')!r}"
             )
-        images.append(CocoImage(image_id, file_name, h, w, []))
+        # Files written on Windows may separate folders with backslashes ("train\\0001.jpg").
+        images.append(CocoImage(image_id, file_name.replace("\\", "/"), h, w, []))
     return images
 
 
