@@ -303,6 +303,28 @@ def test_train_unknown_config_key(capsys, synth, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("solver.lr=nan", "'solver.lr' must be finite"),
+        ("log_period=0", "'log_period' must be >= 1"),
+        ("distill.score_threshold=2", "'distill.score_threshold' must be in [0, 1)"),
+        ("device=banana", "'device' must be one of auto, cpu, cuda, cuda:N, got 'banana'"),
+    ],
+)
+def test_train_config_value_that_cannot_work(capsys, synth, tmp_path, override, fragment):
+    train_json, _, images = synth
+    fails(capsys, _train_argv(train_json, images, tmp_path / "run", override), "config key", fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_predict_device_flag_that_is_not_a_device(capsys, synth, teacher, tmp_path):
+    out = tmp_path / "p"
+    argv = ["predict", "--weights", teacher, "--input", synth[2], "--out", out, "--device", "banana"]
+    err = fails(capsys, argv, "device 'banana' is not one of auto, cpu, cuda, cuda:N")
+    assert "config key" not in err
+
+
 def test_train_unknown_backbone(capsys, synth, tmp_path):
     train_json, _, images = synth
     fails(
@@ -338,13 +360,18 @@ def test_train_config_file_missing(capsys, synth, tmp_path):
         ("solver: [1, 2]\n", ["'solver'", "section"]),
         ("solver:\n  max_iters: [1\n", ["malformed YAML"]),
         ("- solver\n", ["mapping"]),
+        ("solver:\n  lr: 0.1\n  lr: 0.2\n", ["duplicate key 'lr'", "line 3"]),
+        ("solver:\n  lr: 0.1\n".encode("utf-16"), ["not UTF-8"]),
     ],
-    ids=["wrong-type", "section-as-list", "malformed", "top-level-list"],
+    ids=["wrong-type", "section-as-list", "malformed", "top-level-list", "duplicate-key", "utf-16"],
 )
 def test_train_bad_yaml(capsys, synth, tmp_path, text, fragments):
     train_json, _, images = synth
     config = tmp_path / "config.yaml"
-    config.write_text(text)
+    if isinstance(text, bytes):
+        config.write_bytes(text)
+    else:
+        config.write_text(text)
     argv = [
         "train",
         "--labelled",

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,12 +245,17 @@ def config_differences(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
     """``(key, value in a, value in b)`` for every dotted key where the two configs differ."""
     out = []
     for key in _all_keys(Config):
-        va, vb = a, b
-        for name in key.split("."):
-            va, vb = getattr(va, name), getattr(vb, name)
+        va, vb = _lookup(a, key), _lookup(b, key)
         if va != vb:
             out.append((key, va, vb))
     return out
+
+
+def _lookup(cfg: Any, key: str) -> Any:
+    """The value at a dotted key, e.g. ``_lookup(cfg, "solver.lr")``."""
+    for name in key.split("."):
+        cfg = getattr(cfg, name)
+    return cfg
 
 
 def apply_dict(cfg: Config, values: dict[str, Any], source: str) -> Config:
@@ -280,12 +288,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = Config()
     if path:
         path = resolve_preset(path)
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            line = getattr(getattr(exc, "problem_mark", None), "line", None)
-            where = f" (line {line + 1})" if line is not None else ""
-            raise GdistillError(f"{path}: malformed YAML{where}") from exc
+        values = _read_yaml(path)
         if not isinstance(values, dict):
             raise GdistillError(f"{path}: expected a mapping of config keys at the top level")
         apply_dict(cfg, values, str(path))
@@ -293,6 +296,44 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         apply_overrides(cfg, overrides)
     validate_config(cfg)
     return cfg
+
+
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    def __init__(self, key: Any, mark: yaml.Mark) -> None:
+        super().__init__(problem=f"duplicate key {key!r}", problem_mark=mark)
+        self.key = key
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key repeated in one mapping (``safe_load`` keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise _DuplicateKeyError(key, key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _read_yaml(path: Path) -> Any:
+    """The parsed contents of a UTF-8 YAML config file; every problem is a one-line error naming it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise GdistillError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
+    except OSError as exc:
+        raise GdistillError(f"{path}: cannot read the config file ({exc.strerror})") from exc
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        if isinstance(exc, _DuplicateKeyError):
+            raise GdistillError(f"{path}: duplicate key '{exc.key}'{where}") from exc
+        raise GdistillError(f"{path}: malformed YAML{where}") from exc
 
 
 PRESETS_DIR = Path(__file__).resolve().parent / "configs"
@@ -330,34 +371,107 @@ _CHOICES = {
     "distill.student_init": ("pretrained", "teacher"),
 }
 
+DEVICE_FORMS = ("auto", "cpu", "cuda", "cuda:N")
+_DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def is_device_name(name: str) -> bool:
+    """Whether ``name`` is one of :data:`DEVICE_FORMS` (N a CUDA device index)."""
+    return _DEVICE_PATTERN.fullmatch(name) is not None
+
+
+@dataclass(frozen=True)
+class _Bound:
+    text: str  # completes "must be ...", e.g. ">= 0"
+    holds: Callable[[float], bool]
+
+
+_AT_LEAST_0 = _Bound(">= 0", lambda v: v >= 0)
+_AT_LEAST_1 = _Bound(">= 1", lambda v: v >= 1)
+_ABOVE_0 = _Bound("> 0", lambda v: v > 0)
+_IN_0_1 = _Bound("in [0, 1]", lambda v: 0 <= v <= 1)
+_IN_0_1_OPEN_TOP = _Bound("in [0, 1)", lambda v: 0 <= v < 1)
+_IN_0_1_OPEN = _Bound("in (0, 1)", lambda v: 0 < v < 1)
+
+# Every element of a tuple value must hold the bound. NaN fails every bound.
+_BOUNDS = {
+    "data.image_size": _AT_LEAST_1,
+    "data.scale_range": _ABOVE_0,
+    "data.test_short_side": _AT_LEAST_1,
+    "data.test_max_side": _AT_LEAST_1,  # below test_short_side is fine: the cap wins
+    "data.batch_size": _AT_LEAST_1,
+    "data.unlabelled_batch_size": _AT_LEAST_1,
+    "data.num_workers": _AT_LEAST_0,
+    "data.repeat_factor_threshold": _AT_LEAST_0,
+    "data.eval_batch_size": _AT_LEAST_1,
+    "model.hidden_dim": _AT_LEAST_1,
+    "model.num_queries": _AT_LEAST_1,
+    "model.dec_layers": _AT_LEAST_0,  # 0: the prediction heads on the learned queries only
+    "model.nheads": _AT_LEAST_1,
+    "model.dim_feedforward": _AT_LEAST_1,
+    "model.enc_layers": _AT_LEAST_0,  # 0: the pixel decoder's input projections only
+    "model.enc_points": _AT_LEAST_1,
+    "model.enc_dim_feedforward": _AT_LEAST_1,
+    "model.mask_dim": _AT_LEAST_1,
+    "model.pixel_std": _ABOVE_0,
+    "model.size_divisibility": _AT_LEAST_1,
+    "model.detections_per_image": _AT_LEAST_1,
+    "loss.class_weight": _AT_LEAST_0,
+    "loss.mask_weight": _AT_LEAST_0,
+    "loss.dice_weight": _AT_LEAST_0,
+    "loss.no_object_weight": _AT_LEAST_0,
+    "loss.num_points": _AT_LEAST_1,
+    "loss.oversample_ratio": _AT_LEAST_1,
+    "loss.importance_sample_ratio": _IN_0_1,
+    "solver.max_iters": _AT_LEAST_1,
+    "solver.lr": _ABOVE_0,
+    "solver.weight_decay": _AT_LEAST_0,
+    "solver.backbone_lr_mult": _AT_LEAST_0,  # 0: the backbone does not learn
+    "solver.clip_grad_norm": _AT_LEAST_0,  # 0: no clipping
+    "solver.lr_gamma": _ABOVE_0,  # the LR is multiplied by it at each of lr_steps
+    "solver.poly_power": _AT_LEAST_0,
+    "solver.warmup_iters": _AT_LEAST_0,
+    "solver.warmup_factor": _AT_LEAST_0,
+    "solver.ema_decay": _IN_0_1,
+    "solver.ema_start": _AT_LEAST_0,
+    "distill.burnin_iters": _AT_LEAST_0,
+    "distill.ema_decay": _IN_0_1,
+    "distill.unsup_weight": _AT_LEAST_0,
+    "distill.score_threshold": _IN_0_1_OPEN_TOP,  # the score must exceed it: 1 keeps nothing
+    "distill.min_mask_area": _AT_LEAST_0,
+    "distill.mask_threshold": _IN_0_1_OPEN,
+    "distill.duplicate_iou": _IN_0_1,
+    "distill.diagnostic_thresholds": _IN_0_1_OPEN_TOP,
+    "eval_period": _AT_LEAST_0,  # 0: evaluate only at the end
+    "checkpoint_period": _AT_LEAST_0,  # 0: save only at the end
+    "log_period": _AT_LEAST_1,
+    "picture_period": _AT_LEAST_0,  # 0: no pictures
+    "threads": _AT_LEAST_0,  # 0: torch's default
+}
+
 
 def validate_config(cfg: Config) -> None:
     """Reject values that cannot work, naming the key."""
     for key, allowed in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = _lookup(cfg, key)
         if value not in allowed:
             raise GdistillError(f"config key '{key}' must be one of {', '.join(allowed)}, got {value!r}")
-    positive = {
-        "data.image_size": cfg.data.image_size,
-        "data.batch_size": cfg.data.batch_size,
-        "model.num_queries": cfg.model.num_queries,
-        "model.hidden_dim": cfg.model.hidden_dim,
-        "loss.num_points": cfg.loss.num_points,
-        "solver.max_iters": cfg.solver.max_iters,
-        "solver.lr": cfg.solver.lr,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise GdistillError(f"config key '{key}' must be positive, got {value}")
+    if not is_device_name(cfg.device):
+        raise GdistillError(
+            f"config key 'device' must be one of {', '.join(DEVICE_FORMS)}, got {cfg.device!r}"
+        )
+    for key in _all_keys(Config):
+        value = _lookup(cfg, key)
+        items = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+            raise GdistillError(f"config key '{key}' must be finite, got {value}")
+    for key, bound in _BOUNDS.items():
+        value = _lookup(cfg, key)
+        items = value if isinstance(value, tuple) else (value,)
+        if not all(bound.holds(v) for v in items):
+            raise GdistillError(f"config key '{key}' must be {bound.text}, got {value}")
     lo, hi = cfg.data.scale_range
-    if not 0 < lo <= hi:
-        raise GdistillError(f"config key 'data.scale_range' must satisfy 0 < min <= max, got {lo, hi}")
-    decays = {"distill.ema_decay": cfg.distill.ema_decay, "solver.ema_decay": cfg.solver.ema_decay}
-    for key, decay in decays.items():
-        if not 0.0 <= decay <= 1.0:
-            raise GdistillError(f"config key '{key}' must be in [0, 1], got {decay}")
-    if cfg.solver.ema_start < 0:
-        raise GdistillError(f"config key 'solver.ema_start' must be >= 0, got {cfg.solver.ema_start}")
+    if lo > hi:
+        raise GdistillError(f"config key 'data.scale_range' must satisfy min <= max, got {lo, hi}")
     if cfg.model.hidden_dim % cfg.model.nheads:
         raise GdistillError("config key 'model.hidden_dim' must be divisible by 'model.nheads'")

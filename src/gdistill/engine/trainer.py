@@ -24,7 +24,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from gdistill.config import Config, ModelConfig, config_differences, config_from_dict, config_to_dict
+from gdistill.config import (
+    DEVICE_FORMS,
+    Config,
+    ModelConfig,
+    config_differences,
+    config_from_dict,
+    config_to_dict,
+    is_device_name,
+)
 from gdistill.data.augment import LabelledAugment, UnlabelledAugment
 from gdistill.data.coco import CocoDataset, check_image_files
 from gdistill.data.loader import (
@@ -82,11 +90,18 @@ class TrainingData:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device for a config's ``device`` or a ``--device`` flag: auto, cpu, cuda, cuda:N."""
+    if not is_device_name(name):
+        raise GdistillError(f"device {name!r} is not one of {', '.join(DEVICE_FORMS)}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GdistillError(f"config key 'device' is {name!r} but CUDA is not available")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise GdistillError(f"device {name!r}: CUDA is not available")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise GdistillError(f"device {name!r}: no such CUDA device ({count} visible)")
     return device
 
 
