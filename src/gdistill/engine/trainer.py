@@ -155,6 +155,9 @@ def trainable_images(dataset: CocoDataset) -> CocoDataset:
     """The labelled images with at least one non-crowd annotation, as detectron2's
     FILTER_EMPTY_ANNOTATIONS keeps: the others would teach nothing but background. Says how many
     it leaves out, and how many crowd annotations are not trained on; none left is an error."""
+    kept = [img for img in dataset.images if any(not a.iscrowd for a in img.annotations)]
+    if not kept:
+        raise GdistillError(f"{dataset.path}: no image has a non-crowd annotation, nothing to train on")
     annotations = [a for img in dataset.images for a in img.annotations]
     crowd = sum(1 for a in annotations if a.iscrowd)
     if crowd:
@@ -164,9 +167,6 @@ def trainable_images(dataset: CocoDataset) -> CocoDataset:
             "and are not trained on (as in detectron2, their pixels count as background)",
             stacklevel=3,
         )
-    kept = [img for img in dataset.images if any(not a.iscrowd for a in img.annotations)]
-    if not kept:
-        raise GdistillError(f"{dataset.path}: no image has a non-crowd annotation, nothing to train on")
     if len(kept) < len(dataset.images):
         warnings.warn(
             f"{dataset.path}: {len(dataset.images) - len(kept)} of {len(dataset.images)} labelled "
