@@ -622,10 +622,42 @@ def test_train_into_a_run_folder_needs_resume_or_overwrite(capsys, synth, teache
     fails(capsys, _train_argv(train_json, images, teacher.parent, "--resume", "--overwrite"),
           "--resume and --overwrite exclude each other")
     earlier = tmp_path / "run"
-    earlier.mkdir()
+    (earlier / "pictures").mkdir(parents=True)
     (earlier / "metrics.csv").write_text("step,loss\n1,99\n")
+    for stale in ("best.pt", "last.prev.pt", "pictures/val_000099.png"):
+        (earlier / stale).write_text("from the earlier run")
+    (earlier / "notes.txt").write_text("the user's")
     assert main([str(a) for a in _train_argv(train_json, images, earlier, "--overwrite")]) == 0
-    assert (earlier / "last.pt").is_file() and "99" not in (earlier / "metrics.csv").read_text()
+    assert (earlier / "last.pt").is_file()
+    assert "1,99" not in (earlier / "metrics.csv").read_text().splitlines()
+    # nothing of the earlier run is left to be evaluated or resumed; other files stay
+    best = torch.load(earlier / "best.pt", map_location="cpu", weights_only=False)
+    assert best["step"] == 1
+    assert not (earlier / "last.prev.pt").exists() and not (earlier / "pictures" / "val_000099.png").exists()
+    assert (earlier / "notes.txt").read_text() == "the user's"
+
+
+def test_resume_checks_the_run_kind_and_its_classes(capsys, synth, teacher, tmp_path):
+    train_json, val_json, images = synth
+    run = tmp_path / "run"
+    assert main([str(a) for a in _train_argv(train_json, images, run, "--val", val_json)]) == 0
+    fails(capsys, _distill_argv(synth, run, "--unlabelled", train_json, "--resume"),
+          run, "holds a stage-A run", "gdistill train --resume")
+    renamed = _first_class_renamed(train_json, tmp_path)
+    fails(capsys, _train_argv(renamed, images, run, "--resume"), "last.pt", "classes", "renamed")
+    with pytest.warns(UserWarning, match="resumed without --val, it is not evaluated again"):
+        assert main([str(a) for a in _train_argv(train_json, images, run, "--resume")]) == 0
+
+
+def test_a_new_run_refuses_to_clear_its_own_teacher(capsys, synth, teacher, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(teacher, run / "last.pt")
+    argv = _distill_argv(synth, run, "--unlabelled", synth[0], "--teacher", run / "last.pt", "--overwrite")
+    fails(capsys, argv, "last.pt: lies in the run folder", "choose another --out")
+    assert (run / "last.pt").is_file()
 
 
 def test_warnings_are_one_line_on_the_command_line(capsys):

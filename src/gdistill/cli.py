@@ -356,10 +356,26 @@ def _check_fresh_run_folder(args: argparse.Namespace) -> None:
         )
 
 
+def _check_resumed_stage(args: argparse.Namespace, stage: str) -> None:
+    """``train --resume`` resumes stage-A runs, ``distill --resume`` distillation runs."""
+    info = Path(args.out) / "run.json"
+    if not args.resume or not info.is_file():
+        return
+    try:
+        found = json.loads(info.read_text()).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return  # the trainer reports a damaged run from its checkpoint
+    if found in ("teacher", "distill") and found != stage:
+        command = "train" if found == "teacher" else "distill"
+        kind = "a stage-A run" if found == "teacher" else "a distillation run"
+        raise GdistillError(f"{args.out}: holds {kind}; resume it with `gdistill {command} --resume`")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from gdistill.engine.trainer import train
 
     _check_fresh_run_folder(args)
+    _check_resumed_stage(args, "teacher")
     cfg = _config_from_args(args)
     if not args.resume:
         _warn_model_keys_ignored(args, cfg, args.init_weights, "checkpoint")
@@ -376,6 +392,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
     if not args.resume and args.teacher is None:
         raise GdistillError("distill needs --teacher (a stage-A checkpoint) unless --resume")
     _check_fresh_run_folder(args)
+    _check_resumed_stage(args, "distill")
     cfg = _config_from_args(args)
     if not args.resume:
         _warn_model_keys_ignored(args, cfg, args.teacher, "teacher")

@@ -21,7 +21,7 @@ import torch
 
 from gdistill.config import Config, config_from_dict, load_config
 from gdistill.distill.pseudo_labels import SIZE_RANGES
-from gdistill.engine.checkpoint import load_checkpoint
+from gdistill.engine.checkpoint import RUN_FILES, load_checkpoint
 from gdistill.engine.evaluate import validation_picture
 from gdistill.errors import GdistillError
 from gdistill.viz import (
@@ -241,10 +241,6 @@ def _summary(
     return "\n".join(lines)
 
 
-# What a run folder holds from its first step on (any one of them marks a run).
-RUN_FILES = ("run.json", "config.yaml", "metrics.csv", "eval.csv", "last.pt", "best.pt")
-
-
 def write_report(
     run_dir: str | Path,
     out_dir: str | Path | None = None,
@@ -264,7 +260,8 @@ def write_report(
         runs = sorted(d.name for d in run_dir.iterdir() if d.is_dir() and (d / "run.json").is_file())
         hint = f" (runs inside it: {', '.join(runs[:5])})" if runs else ""
         raise GdistillError(
-            f"{run_dir}: not a run folder of `gdistill train` / `distill` (none of {', '.join(RUN_FILES)})"
+            f"{run_dir}: not a run folder of `gdistill train` / `distill` (no run.json, config.yaml, "
+            "metrics.csv or checkpoint)"
             + hint
         )
     out = Path(out_dir) if out_dir is not None else run_dir / "report"

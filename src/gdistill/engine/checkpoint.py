@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +102,22 @@ def rotate_and_save(payload: dict[str, Any], run_dir: str | Path) -> Path:
         os.replace(last, run_dir / "last.prev.pt")
     save_checkpoint(payload, last)
     return last
+
+
+# Everything a training run writes in its folder (``clear_run`` removes exactly these).
+RUN_FILES = (
+    "last.pt", "last.prev.pt", "last.pt.corrupt", "best.pt", ".last.pt.tmp", ".best.pt.tmp",
+    "config.yaml", "run.json", "ranks.json", "metrics.csv", "eval.csv",
+)
+RUN_FOLDERS = ("pictures", "report", "tensorboard")
+
+
+def clear_run(run_dir: str | Path) -> None:
+    """Remove the files of an earlier run from ``run_dir`` (``--overwrite``), and nothing else:
+    a stale ``best.pt`` or ``last.pt`` would otherwise outlive the new run or be resumed."""
+    run_dir = Path(run_dir)
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        if (run_dir / name).is_dir():
+            shutil.rmtree(run_dir / name)

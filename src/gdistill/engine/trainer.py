@@ -59,6 +59,8 @@ from gdistill.distill.schedule import (
 from gdistill.engine import distributed
 from gdistill.engine.allocator import keep_freed_memory
 from gdistill.engine.checkpoint import (
+    RUN_FILES,
+    clear_run,
     latest_good_checkpoint,
     load_checkpoint,
     rng_state,
@@ -275,6 +277,23 @@ def _sum_losses(losses: dict[str, torch.Tensor]) -> torch.Tensor:
     return sum(losses.values())
 
 
+def _check_resumed_run(state: dict, state_path: Path, out_dir: Path, data: TrainingData) -> None:
+    """A resumed run must see the classes it was trained on; resuming without the validation set
+    it was evaluated on is said."""
+    check_class_names(data.labelled.class_names, state.get("class_names", []), str(state_path))
+    info_path = out_dir / "run.json"
+    try:
+        evaluated_on = json.loads(info_path.read_text()).get("val") if info_path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        evaluated_on = None
+    if evaluated_on and data.val is None:
+        warnings.warn(
+            f"{out_dir}: the run was evaluated on {evaluated_on}; resumed without --val, it is not "
+            "evaluated again and best.pt stays as it was",
+            stacklevel=3,
+        )
+
+
 def train(
     cfg: Config,
     out_dir: str | Path,
@@ -298,6 +317,7 @@ def train(
         _warn_config_ignored_on_resume(cfg, run_cfg, state_path)
         cfg = run_cfg
         stage = state["stage"]
+        _check_resumed_run(state, state_path, out_dir, data)
     else:
         state = None
         stage = "distill" if teacher_checkpoint else "teacher"
@@ -316,6 +336,16 @@ def train(
     rank, world = distributed.rank(), distributed.world_size()
     main_process = rank == 0
     progress = progress and main_process
+    if state is None:
+        for given in (teacher_checkpoint, init_weights):
+            given_path = Path(given).resolve() if given is not None else None
+            if given_path and given_path.parent == out_dir.resolve() and given_path.name in RUN_FILES:
+                raise GdistillError(
+                    f"{given}: lies in the run folder {out_dir}, which a new run clears; "
+                    "copy it elsewhere or choose another --out"
+                )
+        if main_process:
+            clear_run(out_dir)  # nothing of an earlier run outlives this one (a stale best.pt)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     keep_freed_memory()
