@@ -550,9 +550,16 @@ def test_distill_corrupt_unlabelled_image(capsys, synth, teacher, tmp_path, work
         "--teacher",
         teacher,
         "distill.burn_in=none",
+        "distill.student_init=teacher",
         f"data.num_workers={workers}",
     )
     fails(capsys, argv, corrupt, "cannot read image")
+
+
+def test_distill_without_burn_in_needs_the_teacher_as_student_init(capsys, synth, teacher, tmp_path):
+    argv = _distill_argv(synth, tmp_path / "run", "--unlabelled", synth[0], "--teacher", teacher,
+                         "--burn-in", "none")
+    fails(capsys, argv, "distill.burn_in=none", "set distill.student_init=teacher")
 
 
 def test_split_skip_invalid_annotations_lists_what_it_drops(capsys, tmp_path):

@@ -322,6 +322,12 @@ def train(
         state = None
         stage = "distill" if teacher_checkpoint else "teacher"
     is_distill = stage == "distill"
+    if is_distill and cfg.distill.burn_in == "none" and cfg.distill.student_init == "pretrained":
+        raise GdistillError(
+            "distill.burn_in=none hands the teacher over to the student at step 0: with "
+            "distill.student_init=pretrained the stage-A teacher would never be used; "
+            "set distill.student_init=teacher"
+        )
     if is_distill and cfg.solver.ema_decay > 0:
         raise GdistillError(
             "config key 'solver.ema_decay' is for `gdistill train`; in distillation the teacher is "
