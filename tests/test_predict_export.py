@@ -372,6 +372,11 @@ def test_torchscript_export_matches_pytorch(checkpoint, tmp_path):
     ref_logits, ref_masks = _pytorch_outputs(checkpoint, x)
     np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(masks, ref_masks, atol=1e-4, rtol=1e-4)
+    # outside no_grad too: an inference graph, its outputs go straight to outputs_to_instances
+    outputs = loaded(x[:1])
+    assert not any(t.requires_grad for t in outputs)
+    instances = outputs_to_instances(*outputs, (64, 64), (64, 64))
+    assert instances.masks.shape[1:] == (64, 64)
 
 
 def test_export_rejects_bad_sizes_and_formats(checkpoint, tmp_path):

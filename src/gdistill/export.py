@@ -100,7 +100,8 @@ def export_model(
     if fmt == "onnx" and importlib.util.find_spec("onnx") is None:
         raise GdistillError("ONNX export needs the onnx package (pip install onnx)")
     predictor = load_model(weights, model, device="cpu")
-    module = RawOutputs(predictor.model).eval()
+    # An inference graph: outputs that require grad would make every call build autograd state.
+    module = RawOutputs(predictor.model).eval().requires_grad_(False)
     example = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -147,8 +148,10 @@ def outputs_to_instances(
     at ``orig_size`` (scores [N], labels [N], masks bool [N, H, W]), sorted by score as
     :meth:`gdistill.inference.Predictor.predict` returns them; ``image_size`` is the (h, w)
     returned by :func:`fit_to_input`."""
-    logits = torch.as_tensor(np.asarray(pred_logits))
-    masks = torch.as_tensor(np.asarray(pred_masks))
+    logits, masks = (
+        x.detach().cpu() if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
+        for x in (pred_logits, pred_masks)
+    )
     return sorted_by_score(
         instances_from_outputs(logits, masks, [tuple(image_size)], [tuple(orig_size)], top_k)[0]
     )
