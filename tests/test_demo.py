@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
 from tiny_config import TINY as TINY_BASE
 
 import gdistill.demo
 from gdistill.cli import main
 from gdistill.demo import ARMS, DemoTier, format_demo_table, run_demo
+from gdistill.errors import GdistillError
 
 TINY = [*TINY_BASE, "distill.score_threshold=0.0"]
 
@@ -73,6 +75,13 @@ def test_tiny_demo_writes_results_plot_and_pictures(tmp_path, capsys, monkeypatc
     for arm in ARMS:
         assert resumed["per_seed"]["0"][arm] == saved["per_seed"]["0"][arm]
     assert resumed["teacher"] == saved["teacher"]
+    # another budget cannot resume it: its runs would mix two tiers under one name
+    longer = DemoTier("tiny", train_images=10, val_images=3, fraction=0.4, teacher_iters=3,
+                      student_iters=2, burnin_iters=1, eval_period=1, seeds=(0,), image_size=64)
+    with pytest.raises(GdistillError, match="holds a demo of the tiny tier .* resume it with the same flags"):
+        run_demo(tmp_path, overrides=TINY, progress=False, tier=longer, resume=True)
+    with pytest.raises(GdistillError, match="resume it with the same flags"):
+        run_demo(tmp_path, overrides=[*TINY, "solver.lr=1e-3"], progress=False, tier=tier, resume=True)
 
 
 def test_demo_command_refuses_a_folder_holding_a_demo(tmp_path, capsys):

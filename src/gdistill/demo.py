@@ -36,6 +36,7 @@ from gdistill.data.splits import split_labelled, write_split
 from gdistill.data.synthetic import generate_synthetic
 from gdistill.engine.checkpoint import latest_good_checkpoint
 from gdistill.engine.trainer import TrainingData, train
+from gdistill.errors import GdistillError
 
 ARMS = ("supervised", "standard_burnin", "guided_burnin")
 
@@ -143,6 +144,7 @@ def run_demo(
     demo_config(tier, seeds[0], tier.teacher_iters, overrides)  # bad overrides fail before any work
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _record_or_check_budget(out_dir, tier, overrides, resume)
     started = time.perf_counter()
 
     data_dir = out_dir / "data"
@@ -222,6 +224,25 @@ def run_demo(
     _write_plot(out_dir, per_seed)
     print(format_demo_table(result))
     return result
+
+
+def _record_or_check_budget(out_dir: Path, tier: DemoTier, overrides: list[str], resume: bool) -> None:
+    """``demo.json`` records the tier and overrides a demo runs with; ``--resume`` must use the
+    same, or its runs would mix two budgets under one tier's name."""
+    path = out_dir / "demo.json"
+    budget = json.loads(json.dumps({"tier": asdict(tier), "overrides": overrides}))
+    if resume and path.is_file():
+        try:
+            recorded = json.loads(path.read_text())
+        except ValueError:
+            recorded = None
+        if isinstance(recorded, dict) and recorded != budget:
+            name = (recorded.get("tier") or {}).get("name", "another")
+            raise GdistillError(
+                f"{out_dir}: holds a demo of the {name} tier with overrides {recorded.get('overrides')}; "
+                f"resume it with the same flags (this call: the {tier.name} tier, overrides {overrides})"
+            )
+    path.write_text(json.dumps(budget, indent=2) + "\n")
 
 
 def _train_or_resume(
