@@ -147,13 +147,21 @@ def test_predict_single_image_and_bad_input(checkpoint, mixed_images, tmp_path, 
                 "--input",
                 str(root / "nope"),
                 "--out",
-                str(out),
+                str(tmp_path / "other"),
                 "--quiet",
             ]
         )
         == 2
     )
     assert "nope: input image or folder not found" in capsys.readouterr().err
+    # Again into the same folder: refused, then with --overwrite nothing of the first call stays.
+    again = ["predict", "--weights", str(checkpoint), "--input", str(root / "a.png"), "--out", str(out),
+             "--quiet"]
+    assert main(again) == 2
+    assert "holds predictions (predictions.json); pass --overwrite" in capsys.readouterr().err
+    assert main([*again, "--overwrite"]) == 0
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["a.png"]
+    assert [im["file_name"] for im in json.loads((out / "images.json").read_text())["images"]] == ["a.png"]
 
 
 def test_load_model_predicts_at_each_image_size(checkpoint, mixed_images):

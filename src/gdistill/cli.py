@@ -166,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-threshold", type=float, default=0.5, help="keep instances scoring at least this")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true", help="replace the predictions already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("report", help="training curves, example pictures and summary.md of a run")
@@ -434,6 +435,11 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from gdistill.engine.allocator import keep_freed_memory
     from gdistill.predict import predict_to_folder
 
+    if (args.out / "predictions.json").exists() and not args.overwrite:
+        raise GdistillError(
+            f"{args.out}: holds predictions (predictions.json); pass --overwrite to replace them, "
+            "or another --out"
+        )
     keep_freed_memory()  # as in training: reuse the per-batch activations' memory
     done = predict_to_folder(
         args.weights,

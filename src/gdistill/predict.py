@@ -12,6 +12,7 @@ Writes into the output folder:
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from PIL import Image
@@ -55,7 +56,7 @@ def predict_to_folder(
     progress: bool = True,
 ) -> dict:
     """Run a checkpoint over images; returns ``{"images", "instances", "predictions",
-    "overlays"}`` (counts and paths)."""
+    "overlays"}`` (counts and paths). What an earlier call wrote in ``out_dir`` is replaced."""
     from gdistill.inference import load_model
 
     if batch_size < 1:
@@ -66,6 +67,8 @@ def predict_to_folder(
     predictor = load_model(weights, model, device)
     out_dir = Path(out_dir)
     overlay_dir = out_dir / "overlays"
+    if overlay_dir.is_dir():  # an earlier call's overlays would mix with these
+        shutil.rmtree(overlay_dir)
     names = overlay_names([item.key for item in inputs])
     categories = [
         {"id": cid, "name": name}
