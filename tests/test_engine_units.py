@@ -57,8 +57,11 @@ def test_truncated_checkpoint_is_detected_and_previous_used(tmp_path):
     (tmp_path / "last.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(GdistillError, match="last.pt: not a readable checkpoint"):
         load_checkpoint(tmp_path / "last.pt")
-    payload, path = latest_good_checkpoint(tmp_path)
+    warned = r"last.pt: not a readable checkpoint .*; resuming from .*last.prev.pt \(step 1\) instead"
+    with pytest.warns(UserWarning, match=warned + ", the damaged file kept as last.pt.corrupt"):
+        payload, path = latest_good_checkpoint(tmp_path)
     assert payload["step"] == 1 and path.name == "last.prev.pt"
+    assert (tmp_path / "last.pt.corrupt").is_file() and not (tmp_path / "last.pt").exists()
 
 
 def test_foreign_file_is_rejected(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,11 @@ def latest_good_checkpoint(run_dir: str | Path) -> tuple[dict[str, Any], Path] |
         if path.name == "last.prev.pt" and (run_dir / "last.pt").exists():
             # Keep the damaged file for inspection, out of the way of the next rotation.
             os.replace(run_dir / "last.pt", run_dir / "last.pt.corrupt")
+            warnings.warn(
+                f"{errors[0]}; resuming from {path} (step {payload.get('step')}) instead, the damaged "
+                "file kept as last.pt.corrupt",
+                stacklevel=2,
+            )
         return payload, path
     if errors:
         raise GdistillError(f"{run_dir}: no readable checkpoint to resume from ({'; '.join(errors)})")

@@ -212,10 +212,8 @@ def _warn_config_ignored_on_resume(given: Config, run: Config, state_path: Path)
         if key not in derived
     ]
     if ignored:
-        more = f" and {len(ignored) - 3} more" if len(ignored) > 3 else ""
         warnings.warn(
-            f"{state_path}: resuming with the run's own config; ignored: "
-            f"{', '.join(ignored[:3])}{more}",
+            f"{state_path}: resuming with the run's own config; ignored: {', '.join(ignored)}",
             stacklevel=3,
         )
 
@@ -266,7 +264,7 @@ class MetricsLog:
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
-    return str(value)
+    return "" if value is None else str(value)  # e.g. the AP of a size bucket without objects
 
 
 def _to_device_targets(targets: list[dict], device: torch.device) -> list[dict]:
@@ -307,10 +305,10 @@ def train(
     resuming a stage-B run). ``init_weights``: start stage A from the model of a checkpoint (its
     architecture is used) instead of a fresh model."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     resumed = latest_good_checkpoint(out_dir) if resume else None
     if resume and resumed is None:
         raise GdistillError(f"{out_dir}: nothing to resume (no last.pt)")
+    out_dir.mkdir(parents=True, exist_ok=True)
     if resumed is not None:
         state, state_path = resumed
         run_cfg = config_from_dict(state["config"], str(state_path))
