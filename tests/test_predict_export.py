@@ -489,3 +489,23 @@ def test_readme_onnx_snippet_runs(checkpoint, mixed_images, monkeypatch):
     namespace: dict = {}
     exec(code.replace('"street.jpg"', '"a.png"'), namespace)
     assert namespace["instances"].masks.shape[-2:] == sizes["a.png"]
+
+
+@pytest.mark.parametrize("divisor", [32, 96])
+def test_predict_pads_batches_to_the_configured_multiple(checkpoint, monkeypatch, divisor):
+    import gdistill.inference
+
+    shapes = []
+    collate = gdistill.inference.collate_eval
+
+    def recording(samples, size_divisibility=32):
+        batch = collate(samples, size_divisibility)
+        shapes.append(tuple(batch["images"].shape[-2:]))
+        return batch
+
+    monkeypatch.setattr(gdistill.inference, "collate_eval", recording)
+    predictor = load_model(checkpoint, device="cpu")
+    predictor.cfg.model.size_divisibility = divisor
+    (result,) = predictor.predict(np.zeros((40, 56, 3), np.uint8))
+    assert shapes and all(h % divisor == 0 and w % divisor == 0 for h, w in shapes)
+    assert result.masks.shape[1:] == (40, 56)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,8 @@ class Predictor:
                 raise GdistillError(f"predict: image {index} is empty ({orig[0]}x{orig[1]} pixels)")
             resized = resize_for_eval(tensor, self.cfg.data.test_short_side, self.cfg.data.test_max_side)
             samples.append({"image": resized, "orig_size": orig, "image_id": None, "key": ""})
-        loader = [collate_eval(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
+        pad = self.cfg.model.size_divisibility
+        loader = [collate_eval(samples[i : i + batch_size], pad) for i in range(0, len(samples), batch_size)]
         out: list[Instances] = []
         for _, _, instances in predict_batches(
             self.model, loader, self.device, self.cfg.model.detections_per_image, self.cfg.solver.amp
@@ -192,7 +194,7 @@ def evaluate_checkpoint(
     loader = DataLoader(
         EvalDataset(dataset, images_dir, cfg.data.test_short_side, cfg.data.test_max_side),
         batch_size=cfg.data.eval_batch_size,
-        collate_fn=collate_eval,
+        collate_fn=partial(collate_eval, size_divisibility=cfg.model.size_divisibility),
     )
     metrics, _ = evaluate_model(
         predictor.model,

@@ -18,6 +18,7 @@ import random
 import time
 import warnings
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -478,7 +479,7 @@ def train(
     labelled_iter = infinite_loader(
         labelled_ds,
         dcfg.batch_size,
-        collate_labelled,
+        partial(collate_labelled, size_divisibility=cfg.model.size_divisibility),
         sampler,
         dcfg.num_workers,
         seed=cfg.seed,
@@ -498,7 +499,7 @@ def train(
         unlabelled_iter = infinite_loader(
             unlabelled_ds,
             dcfg.unlabelled_batch_size,
-            collate_unlabelled,
+            partial(collate_unlabelled, size_divisibility=cfg.model.size_divisibility),
             InfiniteSampler(len(unlabelled_ds), seed=cfg.seed + 1, rank=rank, world_size=world),
             dcfg.num_workers,
             seed=cfg.seed + 1,
@@ -513,7 +514,7 @@ def train(
             val_set,
             batch_size=dcfg.eval_batch_size,
             shuffle=False,
-            collate_fn=collate_eval,
+            collate_fn=partial(collate_eval, size_divisibility=cfg.model.size_divisibility),
             generator=torch.Generator(),  # evaluation must not draw from the training RNG
             num_workers=min(dcfg.num_workers, 2),
         )
