@@ -281,8 +281,11 @@ def recovered(distill_runs, tiny_data, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(trainer, "latest_good_checkpoint", spy)
-        with pytest.warns(UserWarning, match="resuming with the run's own config"):
+        with pytest.warns(UserWarning) as record:
             train(load_config("demo", TINY), run, tiny_data, resume=True, progress=False)
+    messages = [str(w.message) for w in record]
+    assert any("last.pt: not a readable checkpoint" in m and "resuming from" in m for m in messages)
+    assert any("resuming with the run's own config" in m for m in messages)
     assert len(picked) == 1
     return run, *picked[0]
 
