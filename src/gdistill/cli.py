@@ -276,16 +276,14 @@ def _warn_model_keys_ignored(args: argparse.Namespace, cfg, checkpoint: Path | N
     checkpoint's architecture: say which model keys given in --config or key=value that ignores."""
     import warnings
 
-    import yaml
-
-    from gdistill.config import config_from_dict, resolve_preset
+    from gdistill.config import config_from_dict, read_config_file, resolve_preset
     from gdistill.engine.checkpoint import load_checkpoint
 
     if checkpoint is None:
         return
     given = {a.split("=", 1)[0] for a in args.overrides if a.startswith("model.")}
     if args.config:
-        section = (yaml.safe_load(resolve_preset(args.config).read_text()) or {}).get("model")
+        section = read_config_file(resolve_preset(args.config)).get("model")
         given |= {f"model.{k}" for k in section} if isinstance(section, dict) else set()
     given -= HONOURED_MODEL_KEYS
     if not given:

@@ -288,7 +288,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = Config()
     if path:
         path = resolve_preset(path)
-        values = _read_yaml(path)
+        values = read_config_file(path)
         if not isinstance(values, dict):
             raise GdistillError(f"{path}: expected a mapping of config keys at the top level")
         apply_dict(cfg, values, str(path))
@@ -318,7 +318,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def _read_yaml(path: Path) -> Any:
+def read_config_file(path: Path) -> Any:
     """The parsed contents of a UTF-8 YAML config file; every problem is a one-line error naming it."""
     try:
         text = path.read_text(encoding="utf-8")
