@@ -357,13 +357,11 @@ def _check_fresh_run_folder(args: argparse.Namespace) -> None:
 
 def _check_resumed_stage(args: argparse.Namespace, stage: str) -> None:
     """``train --resume`` resumes stage-A runs, ``distill --resume`` distillation runs."""
-    info = Path(args.out) / "run.json"
-    if not args.resume or not info.is_file():
+    from gdistill.engine.run_info import read_run_info
+
+    if not args.resume:
         return
-    try:
-        found = json.loads(info.read_text()).get("stage")
-    except (OSError, ValueError, AttributeError):
-        return  # the trainer reports a damaged run from its checkpoint
+    found = read_run_info(args.out).get("stage")
     if found in ("teacher", "distill") and found != stage:
         command = "train" if found == "teacher" else "distill"
         kind = "a stage-A run" if found == "teacher" else "a distillation run"

@@ -13,7 +13,6 @@ Reads what the trainer writes (``run.json``, ``config.yaml``, ``metrics.csv``, `
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from gdistill.config import Config, config_from_dict, load_config
 from gdistill.distill.pseudo_labels import SIZE_RANGES
 from gdistill.engine.checkpoint import RUN_FILES, load_checkpoint
 from gdistill.engine.evaluate import validation_picture
+from gdistill.engine.run_info import read_run_info
 from gdistill.errors import GdistillError
 from gdistill.viz import (
     plot_training_curves,
@@ -35,17 +35,6 @@ STAGE_NAMES = {
     "teacher": "A (teacher trained on labelled images)",
     "distill": "B (guided distillation of a student)",
 }
-
-
-def _read_run_info(run_dir: Path) -> dict:
-    path = run_dir / "run.json"
-    if not path.is_file():
-        return {}
-    try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise GdistillError(f"{path}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
-    return info if isinstance(info, dict) else {}
 
 
 def _recorded_path(value, run_dir: Path) -> Path | None:
@@ -266,7 +255,7 @@ def write_report(
         )
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    info = _read_run_info(run_dir)
+    info = read_run_info(run_dir)
     cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
     pictures = plot_training_curves(run_dir, out)
     notes: list[str] = []

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gdistill.config import Config, save_config
+from gdistill.errors import GdistillError
 
 
 def git_commit() -> str | None:
@@ -69,3 +70,15 @@ def write_run_info(out_dir: Path, cfg: Config, extra: dict[str, Any] | None = No
         **(extra or {}),
     }
     (out_dir / "run.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+
+
+def read_run_info(run_dir: Path) -> dict[str, Any]:
+    """A run folder's ``run.json`` ({} when there is none); malformed JSON is an error naming it."""
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise GdistillError(f"{path}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
+    return info if isinstance(info, dict) else {}

@@ -71,7 +71,7 @@ from gdistill.engine.checkpoint import (
 )
 from gdistill.engine.evaluate import autocast_for, evaluate_model, validation_picture
 from gdistill.engine.optim import build_optimizer, build_scheduler
-from gdistill.engine.run_info import write_run_info
+from gdistill.engine.run_info import read_run_info, write_run_info
 from gdistill.errors import GdistillError
 from gdistill.model.criterion import SetCriterion
 from gdistill.model.mask2former import Mask2Former, build_model, images_to_model_input
@@ -280,11 +280,7 @@ def _check_resumed_run(state: dict, state_path: Path, out_dir: Path, data: Train
     """A resumed run must see the classes it was trained on; resuming without the validation set
     it was evaluated on is said."""
     check_class_names(data.labelled.class_names, state.get("class_names", []), str(state_path))
-    info_path = out_dir / "run.json"
-    try:
-        evaluated_on = json.loads(info_path.read_text()).get("val") if info_path.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        evaluated_on = None
+    evaluated_on = read_run_info(out_dir).get("val")
     if evaluated_on and data.val is None:
         warnings.warn(
             f"{out_dir}: the run was evaluated on {evaluated_on}; resumed without --val, it is not "
