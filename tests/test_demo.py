@@ -54,6 +54,7 @@ def test_tiny_demo_writes_results_plot_and_pictures(tmp_path, capsys, monkeypatc
     ema_ap = [row[header.index("ema_AP")] for row in rows]
     assert ema_ap[0] == "" and float(ema_ap[1]) == saved["supervised"]["ema_AP"]
     assert saved["tier"]["name"] == "tiny" and saved["tier"]["seeds"] == [0]
+    assert set(saved["machine"]) >= {"cpu", "cpu_capability", "threads"}
     assert (tmp_path / "demo_curves.png").stat().st_size > 5000
     assert (tmp_path / "seed0" / "split" / "labelled.json").is_file()
     printed = capsys.readouterr().out

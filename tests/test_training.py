@@ -1,5 +1,6 @@
 """End-to-end training on tiny synthetic data: learning, hand-over, resume, determinism."""
 
+import json
 import shutil
 
 import pytest
@@ -62,6 +63,9 @@ def test_overfits_a_few_images(tmp_path):
     run = tmp_path / "run"
     for name in ("config.yaml", "run.json", "metrics.csv", "eval.csv", "last.pt", "best.pt"):
         assert (run / name).is_file(), name
+    machine = json.loads((run / "run.json").read_text())["machine"]
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert machine["threads"] == cfg.threads and machine["cpu"]
 
 
 def _distill(tiny_data, teacher_dir, out, burn_in, max_iters, burnin_iters=3, extra=()):

@@ -35,6 +35,7 @@ from gdistill.data.sources import unlabelled_from_coco
 from gdistill.data.splits import split_labelled, write_split
 from gdistill.data.synthetic import generate_synthetic
 from gdistill.engine.checkpoint import latest_good_checkpoint
+from gdistill.engine.run_info import machine_info
 from gdistill.engine.trainer import TrainingData, train
 from gdistill.errors import GdistillError
 
@@ -219,6 +220,7 @@ def run_demo(
         "tier": asdict(tier) | {"seeds": seeds},
         "per_seed": per_seed,
         "minutes": (time.perf_counter() - started) / 60,
+        "machine": machine_info(),  # the minutes and, through float rounding, every AP depend on it
     }
     (out_dir / "demo_results.json").write_text(json.dumps(result, indent=2) + "\n")
     _write_plot(out_dir, per_seed)

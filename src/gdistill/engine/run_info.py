@@ -56,6 +56,32 @@ def package_versions() -> dict[str, str]:
     }
 
 
+def machine_info() -> dict[str, Any]:
+    """The hardware a run's numbers depend on: float rounding differs between CPU kinds (ATen
+    dispatches other kernels on AVX2 and AVX-512), and with it every AP of a run."""
+    import torch
+
+    info: dict[str, Any] = {
+        "cpu": _cpu_model() or platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def write_run_info(out_dir: Path, cfg: Config, extra: dict[str, Any] | None = None) -> None:
     """Write ``config.yaml`` (fully resolved) and ``run.json`` (seed, versions, commit, command)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -67,6 +93,7 @@ def write_run_info(out_dir: Path, cfg: Config, extra: dict[str, Any] | None = No
         "git_commit": git_commit(),
         "versions": package_versions(),
         "platform": platform.platform(),
+        "machine": machine_info(),
         **(extra or {}),
     }
     (out_dir / "run.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
