@@ -767,3 +767,23 @@ def test_distill_names_the_model_keys_it_ignores(capsys, synth, teacher, tmp_pat
 ])
 def test_out_of_range_flags_stop_before_any_work(capsys, tmp_path, argv, fragments):
     fails(capsys, [a.replace("{tmp}", str(tmp_path)) for a in argv], *fragments)
+
+
+def test_a_closed_output_pipe_ends_quietly(synth, tmp_path):
+    """`gdistill eval ... | head`: the reader goes away; no error line, no traceback."""
+    import subprocess
+    import sys
+
+    _, val_json, _ = synth
+    raw = json.loads(val_json.read_text())
+    results = [{"image_id": a["image_id"], "category_id": a["category_id"],
+                "segmentation": a["segmentation"], "score": 1.0} for a in raw["annotations"]]
+    predictions = tmp_path / "results.json"
+    predictions.write_text(json.dumps(results))
+    cmd = [sys.executable, "-m", "gdistill", "eval", "--annotations", str(val_json),
+           "--predictions", str(predictions)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the command has written anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == ""

@@ -234,6 +234,30 @@ def test_drop_invalid_keeps_valid_annotations(tmp_path):
         load_coco(path, drop_invalid=True)
 
 
+def test_drop_invalid_removes_only_the_degenerate_parts_of_a_polygon_list(tmp_path):
+    # Annotation 1: the valid rectangle plus a 2-point and a 1-point part; annotation 2: a
+    # single 2-point part (nothing valid left, so dropped whole).
+    anns = [ann(1, [POLYGON[0], [7, 7, 8, 8], [3, 3]]), ann(2, [[0, 0, 1, 1]])]
+    path = write_json(tmp_path / "t.json", coco_dict(anns))
+    with pytest.warns(UserWarning) as caught:
+        dataset = load_coco(path, drop_invalid=True)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "removed polygon parts of fewer than 3 points from 1 annotation" in messages
+    assert "dropped 1 invalid annotation" in messages
+    [kept] = dataset.images[0].annotations
+    assert kept.id == 1 and kept.segmentation == POLYGON
+    assert dataset.repaired == [
+        f"{path}: annotation 1: removed 2 of its 3 polygon parts (fewer than 3 points each, "
+        "no area), kept the rest"
+    ]
+    assert dataset.raw["annotations"] == [{**anns[0], "segmentation": POLYGON}]
+    mask = decode_annotation_mask(kept, 10, 10, str(path))
+    assert np.array_equal(mask, EXPECTED)
+    # Without drop_invalid the degenerate part still stops loading.
+    with pytest.raises(InvalidAnnotationError, match="annotation 1 has a polygon with fewer than 3"):
+        load_coco(path)
+
+
 # --- images -----------------------------------------------------------------------------
 
 

@@ -155,6 +155,18 @@ def test_stage_a_ema_model_copy_then_average_and_resume(tiny_data, stage_a, tmp_
     assert _equal(_weights(load_checkpoint(killed / "last.pt"), "ema"), ema)
 
 
+def test_resuming_a_finished_run_says_so_and_trains_nothing(tiny_data, stage_a, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(stage_a / "last.pt", run / "last.pt")
+    before = (run / "last.pt").stat().st_mtime_ns
+    with pytest.warns(UserWarning, match="resuming with the run's own config"):
+        train(load_config("demo", TINY), run, tiny_data, resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert "last.pt: the run has finished (iteration 4 of 4); nothing left to train" in err
+    assert (run / "last.pt").stat().st_mtime_ns == before
+
+
 def test_distillation_rejects_a_stage_a_ema(tiny_data, stage_a, tmp_path):
     cfg = load_config("demo", [*TINY, "solver.max_iters=1", "solver.ema_decay=0.9"])
     with pytest.raises(GdistillError, match="solver.ema_decay.*distill.ema_decay"):

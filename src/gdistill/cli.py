@@ -32,6 +32,8 @@ def _load_annotations(path: Path, skip_invalid: bool):
             raise GdistillError(f"{e} ({hint})") from e
     for message in dataset.dropped:
         print(f"warning: skipped invalid annotation: {message}", file=sys.stderr)
+    for message in dataset.repaired:
+        print(f"warning: repaired annotation: {message}", file=sys.stderr)
     return dataset
 
 
@@ -405,7 +407,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     dataset = _load_annotations(args.annotations, args.skip_invalid_annotations)
     if args.predictions:
-        ground_truth = dataset.raw if dataset.dropped else args.annotations
+        ground_truth = dataset.raw if dataset.dropped or dataset.repaired else args.annotations
         metrics = evaluate_results_file(ground_truth, args.predictions, per_class=True)
         what = str(args.predictions)
     else:
@@ -561,6 +563,12 @@ def _run(argv: list[str] | None) -> int:
     try:
         _check_output(args)
         COMMANDS[args.command](args)
+        sys.stdout.flush()  # a reader gone from the pipe shows here, not at interpreter exit
+    except BrokenPipeError:
+        # `gdistill eval ... | head`: the reader has what it wanted. What is still buffered for
+        # stdout goes nowhere, so the interpreter's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as the shell reports a process ended by SIGPIPE
     except GdistillError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2

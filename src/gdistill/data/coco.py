@@ -46,6 +46,7 @@ class CocoDataset:
     categories: list[dict]
     raw: dict
     dropped: list[str] = field(default_factory=list)  # messages for annotations dropped on load
+    repaired: list[str] = field(default_factory=list)  # messages for annotations kept in part
 
     def __post_init__(self) -> None:
         self._to_contiguous = {c["id"]: i for i, c in enumerate(self.categories)}
@@ -263,9 +264,12 @@ def _parse_annotations(
     check_masks: bool,
     drop_invalid: bool,
     dropped: list[str],
+    repaired: dict[int, str],
 ) -> set[int]:
     """Attach each annotation to its image; returns the ids of those dropped (``drop_invalid``),
-    whose messages are appended to ``dropped``."""
+    whose messages are appended to ``dropped``. With ``drop_invalid``, polygon parts of fewer than
+    3 points beside valid parts are removed and the rest kept: ``repaired`` maps the annotation's
+    id to a message, and its ``segmentation`` in ``raw`` is the one without them."""
     seen: set[int] = set()
     dropped_ids: set[int] = set()
     for index, ann in enumerate(raw["annotations"]):
@@ -290,9 +294,19 @@ def _parse_annotations(
         if iscrowd not in (0, 1):
             raise GdistillError(f"{where} has iscrowd={iscrowd!r}, expected 0 or 1")
         area = ann.get("area")
+        segmentation = ann["segmentation"]
+        if drop_invalid:
+            segmentation = _without_degenerate_parts(segmentation)
+            if segmentation is not ann["segmentation"]:
+                removed = len(ann["segmentation"]) - len(segmentation)
+                repaired[ann_id] = (
+                    f"{where}: removed {removed} of its {len(ann['segmentation'])} polygon parts "
+                    "(fewer than 3 points each, no area), kept the rest"
+                )
+                ann["segmentation"] = segmentation
         try:
             if check_masks:
-                rle = _to_rle(ann["segmentation"], image.height, image.width, where)
+                rle = _to_rle(segmentation, image.height, image.width, where)
                 decoded_area = float(mask_utils.area(rle))
                 if decoded_area == 0:
                     raise GdistillError(f"{where} has an empty mask (decoded area 0)")
@@ -303,12 +317,27 @@ def _parse_annotations(
                 raise InvalidAnnotationError(str(e)) from None
             dropped.append(str(e))
             dropped_ids.add(ann_id)
+            repaired.pop(ann_id, None)
             continue
         area = float(area) if _is_number(area) else 0.0
         image.annotations.append(
-            CocoAnnotation(ann_id, ann["category_id"], ann["segmentation"], int(iscrowd), area)
+            CocoAnnotation(ann_id, ann["category_id"], segmentation, int(iscrowd), area)
         )
     return dropped_ids
+
+
+def _without_degenerate_parts(segmentation: Any) -> Any:
+    """A polygon list without its parts of fewer than 3 points (2 or 4 numbers: they enclose no
+    pixel), when at least one part remains; otherwise the segmentation itself, for the checks to
+    judge."""
+    if not isinstance(segmentation, list):
+        return segmentation
+
+    def degenerate(part: Any) -> bool:
+        return isinstance(part, list) and len(part) in (2, 4) and all(_is_number(v) for v in part)
+
+    kept = [part for part in segmentation if not degenerate(part)]
+    return kept if kept and len(kept) < len(segmentation) else segmentation
 
 
 def load_coco(
@@ -328,6 +357,8 @@ def load_coco(
         drop_invalid: drop annotations whose mask is invalid (polygon with < 3 points, empty
             mask, bad RLE) instead of raising; the messages are kept in ``dataset.dropped``.
             COCO train2017 needs this: e.g. annotation 918 is a degenerate zero-area polygon.
+            A polygon part of < 3 points beside valid parts is removed instead and the
+            annotation kept (``dataset.repaired``).
     """
     path = Path(json_path)
     raw = _read_json(path)
@@ -343,6 +374,7 @@ def load_coco(
     images = _parse_images(raw, path)
     categories = _parse_categories(raw, path)
     dropped: list[str] = []
+    repaired: dict[int, str] = {}
     if require_annotations:
         dropped_ids = _parse_annotations(
             raw,
@@ -352,6 +384,7 @@ def load_coco(
             check_masks,
             drop_invalid,
             dropped,
+            repaired,
         )
         if dropped_ids:
             # raw is what evaluation scores against and what split writes: without them too.
@@ -361,7 +394,13 @@ def load_coco(
                 f"{path}: dropped {len(dropped)} invalid annotation(s), first: {dropped[0]}",
                 stacklevel=2,
             )
-    return CocoDataset(path, images, categories, raw, dropped)
+        if repaired:
+            warnings.warn(
+                f"{path}: removed polygon parts of fewer than 3 points from {len(repaired)} "
+                f"annotation(s), first: {next(iter(repaired.values()))}",
+                stacklevel=2,
+            )
+    return CocoDataset(path, images, categories, raw, dropped, list(repaired.values()))
 
 
 def _listing(ids: list[int], none: str) -> str:

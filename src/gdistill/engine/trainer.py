@@ -15,6 +15,7 @@ import csv
 import json
 import math
 import random
+import sys
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -433,6 +434,12 @@ def train(
                 raise GdistillError(f"{state_path}: saved by {len(rng)} processes, resumed with {world}")
             rng = rng[rank]
         set_rng_state(rng)
+        if start_step >= cfg.solver.max_iters and main_process:
+            print(
+                f"{state_path}: the run has finished (iteration {start_step} of "
+                f"{cfg.solver.max_iters}); nothing left to train",
+                file=sys.stderr,
+            )
     else:
         seed_everything(cfg.seed + rank)
     if state is None and main_process:
