@@ -7,14 +7,20 @@ import torch
 from PIL import Image
 
 from gdistill.cli import main
-from gdistill.config import Config, config_to_dict
+from gdistill.config import Config, config_to_dict, load_config
 from gdistill.data.coco import load_coco
 from gdistill.data.synthetic import generate_synthetic
 from gdistill.engine.checkpoint import load_checkpoint, save_checkpoint
 from gdistill.engine.evaluate import validation_picture
 from gdistill.errors import GdistillError
 from gdistill.evaluation.coco_eval import COCO_STAT_NAMES, load_results
-from gdistill.export import RawOutputs, export_model, fit_to_input, outputs_to_instances
+from gdistill.export import (
+    RawOutputs,
+    default_input_size,
+    export_model,
+    fit_to_input,
+    outputs_to_instances,
+)
 from gdistill.inference import load_model
 from gdistill.model.mask2former import build_model, instances_from_outputs
 
@@ -340,15 +346,12 @@ def test_onnx_export_matches_pytorch(checkpoint, tmp_path, capsys):
                 str(checkpoint),
                 "--out",
                 str(path),
-                "--height",
-                "64",
-                "--width",
-                "96",
             ]
         )
         == 0
     )
-    assert "pred_masks [B, Q, 16, 24]" in capsys.readouterr().out
+    # No --height/--width: the checkpoint's evaluation size (test sides 64 and 96).
+    assert "images float32 [B, 3, 64, 96]" in capsys.readouterr().out
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = torch.rand(
         2, 3, 64, 96, generator=torch.Generator().manual_seed(1)
@@ -370,7 +373,8 @@ def test_onnx_export_matches_pytorch(checkpoint, tmp_path, capsys):
 
 
 def test_torchscript_export_matches_pytorch(checkpoint, tmp_path):
-    path = export_model(checkpoint, tmp_path / "model.pt", "torchscript", height=64, width=64)
+    path, height, width = export_model(checkpoint, tmp_path / "model.pt", "torchscript", height=64, width=64)
+    assert (height, width) == (64, 64)
     x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit is deprecated in recent torch
@@ -385,6 +389,15 @@ def test_torchscript_export_matches_pytorch(checkpoint, tmp_path):
     assert not any(t.requires_grad for t in outputs)
     instances = outputs_to_instances(*outputs, (64, 64), (64, 64))
     assert instances.masks.shape[1:] == (64, 64)
+
+
+@pytest.mark.parametrize("preset, size", [("demo", (160, 160)), ("coco_r50", (800, 1344)),
+                                          ("cityscapes_r50", (1024, 2048))])
+def test_default_export_size_is_the_evaluation_size_of_a_landscape_image(preset, size):
+    cfg = load_config(preset)
+    assert default_input_size(cfg) == size
+    cfg.data.test_short_side, cfg.data.test_max_side = 500, 300  # the cap wins, as in evaluation
+    assert default_input_size(cfg) == (320, 320)
 
 
 def test_export_rejects_bad_sizes_and_formats(checkpoint, tmp_path):

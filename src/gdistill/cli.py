@@ -186,8 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     p.add_argument("--out", required=True, type=Path, help="output file, e.g. model.onnx")
     p.add_argument("--model", choices=MODEL_CHOICES, default="student")
-    p.add_argument("--height", type=int, default=320, help="input height (multiple of 32)")
-    p.add_argument("--width", type=int, default=320, help="input width (multiple of 32)")
+    p.add_argument(
+        "--height", type=int, help="input height (multiple of 32; default: the model's evaluation size)"
+    )
+    p.add_argument(
+        "--width", type=int, help="input width (multiple of 32; default: the model's evaluation size)"
+    )
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (16 or later)")
 
     return parser
@@ -482,10 +486,12 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from gdistill.export import export_model
 
-    path = export_model(args.weights, args.out, args.format, args.model, args.height, args.width, args.opset)
+    path, height, width = export_model(
+        args.weights, args.out, args.format, args.model, args.height, args.width, args.opset
+    )
     print(
-        f"wrote {path} ({args.format}): images float32 [B, 3, {args.height}, {args.width}] in [0, 1] "
-        f"→ pred_logits [B, Q, K+1], pred_masks [B, Q, {args.height // 4}, {args.width // 4}] "
+        f"wrote {path} ({args.format}): images float32 [B, 3, {height}, {width}] in [0, 1] "
+        f"→ pred_logits [B, Q, K+1], pred_masks [B, Q, {height // 4}, {width // 4}] "
         "(post-process with gdistill.export.outputs_to_instances)"
     )
 

@@ -10,9 +10,11 @@ Normalisation (ImageNet mean / std) is inside the graph. Instance post-processin
 (query, class) pairs, mask upsampling, scores) stays in Python: resize and pad an image with
 :func:`fit_to_input`, run the exported model, then call :func:`outputs_to_instances`::
 
-    x, size = fit_to_input(image, 320, 320)                    # image: uint8 [H, W, 3]
+    x, size = fit_to_input(image, 160, 160)                    # image: uint8 [H, W, 3]
     logits, masks = session.run(None, {"images": x.numpy()})   # onnxruntime
     instances = outputs_to_instances(logits, masks, size, image.shape[:2])
+
+The input size defaults to the model's evaluation size (:func:`default_input_size`).
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from __future__ import annotations
 import importlib.util
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gdistill.config import Config
 from gdistill.errors import GdistillError
 from gdistill.model.mask2former import Instances, instances_from_outputs, sorted_by_score
 
@@ -75,23 +79,44 @@ def _max_onnx_opset() -> int:
     return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", _constants.ONNX_MAX_OPSET))
 
 
+class ExportedModel(NamedTuple):
+    path: Path
+    height: int
+    width: int
+
+
+def default_input_size(cfg: Config) -> tuple[int, int]:
+    """(height, width) at which a landscape image meets the model at its evaluation scale: the
+    shortest side ``data.test_short_side``, the longest up to ``data.test_max_side``, each rounded
+    up to a multiple of 32 (COCO presets 800 x 1344, the demo 160 x 160). A portrait image fits
+    into it smaller: export at its own size for portrait inputs."""
+
+    def up32(n: int) -> int:
+        return -(-n // 32) * 32
+
+    long_side = cfg.data.test_max_side
+    return up32(min(cfg.data.test_short_side, long_side)), up32(long_side)
+
+
 def export_model(
     weights: str | Path,
     out: str | Path,
     fmt: str = "onnx",
     model: str = "student",
-    height: int = 320,
-    width: int = 320,
+    height: int | None = None,
+    width: int | None = None,
     opset: int = ONNX_OPSET,
-) -> Path:
+) -> ExportedModel:
     """Export the student (or teacher) of a checkpoint for inputs of ``height`` × ``width``
-    (multiples of 32) to ``out``; see the module docstring for inputs and outputs."""
+    (multiples of 32; by default :func:`default_input_size` of its config) to ``out``; see the
+    module docstring for inputs and outputs."""
     from gdistill.inference import load_model
 
     if fmt not in FORMATS:
         raise GdistillError(f"export format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if height <= 0 or width <= 0 or height % 32 or width % 32:
-        raise GdistillError(f"export size must be positive multiples of 32, got {height}x{width}")
+    for side in (height, width):
+        if side is not None and (side <= 0 or side % 32):
+            raise GdistillError(f"export size must be positive multiples of 32, got {height}x{width}")
     if fmt == "onnx" and not 16 <= opset <= _max_onnx_opset():
         raise GdistillError(
             f"ONNX opset must be from 16 (GridSample) to {_max_onnx_opset()} (this torch's exporter), "
@@ -100,6 +125,8 @@ def export_model(
     if fmt == "onnx" and importlib.util.find_spec("onnx") is None:
         raise GdistillError("ONNX export needs the onnx package (pip install onnx)")
     predictor = load_model(weights, model, device="cpu")
+    default_height, default_width = default_input_size(predictor.cfg)
+    height, width = height or default_height, width or default_width
     # An inference graph: outputs that require grad would make every call build autograd state.
     module = RawOutputs(predictor.model).eval().requires_grad_(False)
     example = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
@@ -112,7 +139,7 @@ def export_model(
             _export_onnx(module, example, out, opset)
         else:
             torch.jit.trace(module, (example,), check_trace=False).save(str(out))
-    return out
+    return ExportedModel(out, height, width)
 
 
 def fit_to_input(image, height: int, width: int) -> tuple[Tensor, tuple[int, int]]:
