@@ -475,6 +475,11 @@ def test_load_model_picks_the_ema_model_or_says_there_is_none(checkpoint, tmp_pa
     ema = load_model(with_ema, "ema", device="cpu")
     assert all(torch.equal(v, payload["ema"][k]) for k, v in ema.model.state_dict().items())
     assert ema.model.state_dict().keys() == payload["ema"].keys()
+    # A distillation checkpoint: its moving average is the teacher, and the error says so.
+    distilled = tmp_path / "distilled.pt"
+    save_checkpoint({**payload, "ema": None, "stage": "distill", "teacher": payload["model"]}, distilled)
+    with pytest.raises(GdistillError, match=r"distilled.pt: has no EMA model .*: --model teacher$"):
+        load_model(distilled, "ema", device="cpu")
 
 
 def test_readme_onnx_snippet_runs(checkpoint, mixed_images, monkeypatch):

@@ -165,6 +165,8 @@ def load_model(weights: str | Path, model: str = "student", device: str = "auto"
     key, missing = _CHECKPOINT_MODELS[model]
     state = payload.get(key)
     if state is None:
+        if model == "ema" and payload.get("teacher") is not None:
+            missing += "; in a distillation checkpoint the moving average is the teacher: --model teacher"
         raise GdistillError(f"{weights}: {missing}")
     cfg = config_from_dict(payload["config"], str(weights))
     cfg.model.pretrained = False
