@@ -1,6 +1,7 @@
 """Bad input through the command line: exit status 2 and ONE stderr line naming file and problem."""
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -668,8 +669,6 @@ def test_a_new_run_refuses_to_clear_its_own_teacher(capsys, synth, teacher, tmp_
 
 
 def test_warnings_are_one_line_on_the_command_line(capsys):
-    import warnings
-
     from gdistill import cli
 
     line = cli._warning_line(UserWarning("a.json: 3 of 10 labelled\n  images"), UserWarning, "x.py", 7)
@@ -757,6 +756,28 @@ def test_distill_names_the_model_keys_it_ignores(capsys, synth, teacher, tmp_pat
     assert warned == [
         f"{teacher}: the model is built as the teacher's; ignored: model.hidden_dim=64 (teacher: 32)"
     ]
+
+
+def test_distill_without_config_starts_from_the_teacher_runs_config(capsys, synth, teacher, tmp_path):
+    """`train --config demo ...` then `distill --teacher ...`: the student trains at the teacher's
+    sizes (64 px here), not at the paper defaults' 1024; a bare --resume warns about nothing."""
+    import yaml
+
+    train_json, _, images = synth
+    run = tmp_path / "run"
+    argv = ["distill", "--labelled", train_json, "--images", images, "--unlabelled", train_json,
+            "--teacher", teacher, "--out", run, "--quiet", "solver.max_iters=2"]
+    assert main([str(a) for a in argv]) == 0
+    assert f"distill: no --config, starting from the config of {teacher}" in capsys.readouterr().err
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["data"]["image_size"] == 64 and resolved["threads"] == 1
+    assert resolved["solver"]["max_iters"] == 2 and resolved["distill"]["unsup_weight"] == 0.5  # demo's
+    resume = ["distill", "--labelled", train_json, "--images", images, "--unlabelled", train_json,
+              "--out", run, "--quiet", "--resume"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not one "ignored" value: nothing was given
+        assert main([str(a) for a in resume]) == 0
+    assert "the run has finished (iteration 2 of 2)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, fragments", [

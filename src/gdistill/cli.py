@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import json
 import os
 import sys
@@ -260,15 +262,43 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _config_from_args(args: argparse.Namespace):
-    from gdistill.config import apply_overrides, load_config, validate_config
+    """The run's config: ``--config`` over the defaults; without it, a resumed run's own config,
+    or for ``distill`` the teacher run's (one YAML for both stages, as in the authors' code);
+    then ``key=value``."""
+    from gdistill.config import Config, apply_overrides, config_from_dict, load_config, validate_config
 
-    cfg = load_config(args.config, args.overrides)
+    if args.config:
+        cfg = load_config(args.config)
+    elif args.resume and (args.out / "config.yaml").is_file():
+        # What the trainer resumes with anyway: only values given now differ from it.
+        cfg = load_config(args.out / "config.yaml")
+    elif args.command == "distill" and args.teacher is not None:
+        cfg = config_from_dict(_checkpoint_config(args.teacher), str(args.teacher))
+        # A moving average of stage A is for `train`; stage B's teacher is its own EMA.
+        cfg.solver.ema_decay, cfg.solver.ema_start = 0.0, Config().solver.ema_start
+        if os.environ.get("RANK", "0") == "0":  # once under torchrun (not yet initialised here)
+            print(f"distill: no --config, starting from the config of {args.teacher}", file=sys.stderr)
+    else:
+        cfg = Config()
+    apply_overrides(cfg, args.overrides)
     if args.backbone_weights:
         cfg.model.backbone_weights = args.backbone_weights
     if getattr(args, "burn_in", None):
         apply_overrides(cfg, [f"distill.burn_in={args.burn_in}"])
     validate_config(cfg)
     return cfg
+
+
+@functools.cache
+def _checkpoint_payload_config(path: str) -> dict:
+    from gdistill.engine.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)["config"]
+
+
+def _checkpoint_config(path: Path) -> dict:
+    """The config dict saved in a checkpoint (its file read once per command)."""
+    return copy.deepcopy(_checkpoint_payload_config(str(path)))
 
 
 # Model keys a run takes from its own config even when the model comes from a checkpoint.
@@ -283,7 +313,6 @@ def _warn_model_keys_ignored(args: argparse.Namespace, cfg, checkpoint: Path | N
     import warnings
 
     from gdistill.config import config_from_dict, read_config_file, resolve_preset
-    from gdistill.engine.checkpoint import load_checkpoint
 
     if checkpoint is None:
         return
@@ -294,7 +323,7 @@ def _warn_model_keys_ignored(args: argparse.Namespace, cfg, checkpoint: Path | N
     given -= HONOURED_MODEL_KEYS
     if not given:
         return
-    theirs = config_from_dict(load_checkpoint(checkpoint)["config"], str(checkpoint)).model
+    theirs = config_from_dict(_checkpoint_config(checkpoint), str(checkpoint)).model
     ignored = []
     for key in sorted(given):
         name = key.split(".", 1)[1]
