@@ -584,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(argv)
     finally:
         warnings.formatwarning = shown_as
+        _checkpoint_payload_config.cache_clear()  # a later call in this process may see new files
 
 
 def _run(argv: list[str] | None) -> int:

@@ -89,7 +89,7 @@ def default_input_size(cfg: Config) -> tuple[int, int]:
     """(height, width) at which a landscape image meets the model at its evaluation scale: the
     shortest side ``data.test_short_side``, the longest up to ``data.test_max_side``, each rounded
     up to a multiple of 32 (COCO presets 800 x 1344, the demo 160 x 160). A portrait image fits
-    into it smaller: export at its own size for portrait inputs."""
+    into it at a smaller scale: give ``height`` and ``width`` for portrait inputs."""
 
     def up32(n: int) -> int:
         return -(-n // 32) * 32
