@@ -293,7 +293,7 @@ def _config_from_args(args: argparse.Namespace):
 def _checkpoint_payload_config(path: str) -> dict:
     from gdistill.engine.checkpoint import load_checkpoint
 
-    return load_checkpoint(path)["config"]
+    return load_checkpoint(path, mmap=True)["config"]  # the weights stay on disk
 
 
 def _checkpoint_config(path: Path) -> dict:

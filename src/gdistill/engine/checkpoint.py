@@ -50,9 +50,10 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """Load a gdistill checkpoint on the CPU; a missing, truncated or foreign file, or a run folder
-    given for its checkpoint, is a one-line error naming it."""
+    given for its checkpoint, is a one-line error naming it. ``mmap``: map the tensors' storage
+    instead of reading it (for a look at the config of a large checkpoint)."""
     path = Path(path)
     if path.is_dir():
         guess = next((path / name for name in ("best.pt", "last.pt") if (path / name).is_file()), None)
@@ -61,7 +62,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise GdistillError(f"{path}: checkpoint not found")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as exc:  # torch raises many types for truncated / non-torch files
         raise GdistillError(
             f"{path}: not a readable checkpoint (truncated or corrupt: {type(exc).__name__})"
