@@ -229,18 +229,3 @@ def test_yaml_merge_keys_are_not_duplicates(tmp_path):
     cfg = load_config(path)
     assert (cfg.solver.lr, cfg.solver.max_iters) == (0.2, 5)
 
-
-def test_every_config_named_in_the_readme_loads():
-    """The README's commands are copied as they stand: each `--config X` must resolve."""
-    import re
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    commands = "\n".join(
-        line.split("#", 1)[0] for block in re.findall(r"```bash\n(.*?)```", readme, re.S)
-        for line in block.splitlines()
-    )
-    named = set(re.findall(r"--config\s+([\w./-]+)", commands))
-    assert "coco_r50" in named
-    for name in named:
-        load_config(name)
