@@ -780,6 +780,25 @@ def test_distill_without_config_starts_from_the_teacher_runs_config(capsys, synt
     assert "the run has finished (iteration 2 of 2)" in capsys.readouterr().err
 
 
+def test_distill_without_config_leaves_the_teachers_stage_a_average_off(capsys, synth, teacher, tmp_path):
+    """A teacher trained with solver.ema_decay > 0: its config is the base, without the stage-A
+    moving average (refused in distillation, whose teacher is its own EMA)."""
+    import yaml
+
+    from gdistill.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    payload = load_checkpoint(teacher)
+    payload["config"]["solver"].update(ema_decay=0.9, ema_start=1)
+    with_ema = tmp_path / "teacher_with_ema.pt"
+    save_checkpoint(payload, with_ema)
+    train_json, _, images = synth
+    run = tmp_path / "run"
+    argv = ["distill", "--labelled", train_json, "--images", images, "--unlabelled", train_json,
+            "--teacher", with_ema, "--out", run, "--quiet"]
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    assert yaml.safe_load((run / "config.yaml").read_text())["solver"]["ema_decay"] == 0.0
+
+
 @pytest.mark.parametrize("argv, fragments", [
     (["export", "--weights", "w.pt", "--out", "{tmp}/m.onnx", "--opset", "99"],
      ["ONNX opset must be from 16", "got 99"]),
