@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
-import functools
 import json
 import os
 import sys
@@ -289,16 +287,11 @@ def _config_from_args(args: argparse.Namespace):
     return cfg
 
 
-@functools.cache
-def _checkpoint_payload_config(path: str) -> dict:
+def _checkpoint_config(path: Path) -> dict:
+    """The config dict saved in a checkpoint; its weights stay on disk (memory-mapped)."""
     from gdistill.engine.checkpoint import load_checkpoint
 
-    return load_checkpoint(path, mmap=True)["config"]  # the weights stay on disk
-
-
-def _checkpoint_config(path: Path) -> dict:
-    """The config dict saved in a checkpoint (its file read once per command)."""
-    return copy.deepcopy(_checkpoint_payload_config(str(path)))
+    return load_checkpoint(path, mmap=True)["config"]
 
 
 # Model keys a run takes from its own config even when the model comes from a checkpoint.
@@ -584,7 +577,6 @@ def main(argv: list[str] | None = None) -> int:
         return _run(argv)
     finally:
         warnings.formatwarning = shown_as
-        _checkpoint_payload_config.cache_clear()  # a later call in this process may see new files
 
 
 def _run(argv: list[str] | None) -> int:

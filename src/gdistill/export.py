@@ -114,9 +114,9 @@ def export_model(
 
     if fmt not in FORMATS:
         raise GdistillError(f"export format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    for side in (height, width):
+    for name, side in (("height", height), ("width", width)):
         if side is not None and (side <= 0 or side % 32):
-            raise GdistillError(f"export size must be positive multiples of 32, got {height}x{width}")
+            raise GdistillError(f"export size must be positive multiples of 32, got {name} {side}")
     if fmt == "onnx" and not 16 <= opset <= _max_onnx_opset():
         raise GdistillError(
             f"ONNX opset must be from 16 (GridSample) to {_max_onnx_opset()} (this torch's exporter), "
