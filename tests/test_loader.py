@@ -23,6 +23,7 @@ from gdistill.data.loader import (
     infinite_loader,
     repeat_factors,
     sample_seed,
+    worker_count,
 )
 from gdistill.data.sources import UnlabelledImage
 from gdistill.errors import GdistillError
@@ -335,3 +336,24 @@ def test_infinite_loader_start_batch_resumes_stream(coco):
     # a sampler without `shifted` (here a finite list) is skipped on its first pass only
     plain = infinite_loader(ds, 2, collate_labelled, [(0, 0), (1, 1), (2, 2), (3, 3)], 0, 9, 1)
     assert [next(plain)["image_ids"] for _ in range(3)] == [[3, 4], [1, 2], [3, 4]]
+
+
+def test_worker_count_is_capped_at_the_usable_cpus(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert [worker_count(n) for n in (0, 1, 2, 4, 16)] == [0, 1, 2, 2, 2]
+    monkeypatch.delattr("os.sched_getaffinity", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: None)
+    assert worker_count(4) == 1
+
+
+class _Keys(torch.utils.data.Dataset):
+    def __getitem__(self, key):
+        return key
+
+
+def test_loader_with_more_workers_than_cpus_does_not_warn(monkeypatch, recwarn):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
+    keys = infinite_loader(_Keys(), 2, list, InfiniteSampler(6, seed=0), 8, seed=0)
+    first = next(keys)
+    assert len(first) == 2 and {index for index, _ in first} <= set(range(6))
+    assert not [w for w in recwarn if "worker" in str(w.message)]

@@ -36,7 +36,7 @@ class DataConfig:
     test_max_side: int = 1333  # ... with the longest edge capped
     batch_size: int = 16  # labelled images per step (per process)
     unlabelled_batch_size: int = 16  # unlabelled images per step (per process), stage B only
-    num_workers: int = 4
+    num_workers: int = 4  # per loader, at most one per usable CPU (batches do not depend on it)
     repeat_factor_threshold: float = 0.0  # > 0: LVIS repeat-factor sampling of labelled images
     eval_batch_size: int = 4
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -377,6 +378,16 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+def worker_count(requested: int) -> int:
+    """`requested` DataLoader workers, at most one per CPU this process may run on: more only
+    queue behind each other (and make PyTorch warn). Batches do not depend on the count."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(0, min(requested, cpus))
+
+
 def infinite_loader(
     dataset: Dataset,
     batch_size: int,
@@ -400,13 +411,14 @@ def infinite_loader(
         skip = start_batch * batch_size
         shifted = getattr(sampler, "shifted", None)
         sampler = shifted(skip) if callable(shifted) else _SkipSampler(sampler, skip)
+    workers = worker_count(num_workers)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         collate_fn=collate_fn,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
+        num_workers=workers,
+        persistent_workers=workers > 0,
         worker_init_fn=_seed_worker,
         generator=torch.Generator().manual_seed(seed % 2**63),
         pin_memory=pin_memory,

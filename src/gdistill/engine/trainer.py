@@ -48,6 +48,7 @@ from gdistill.data.loader import (
     collate_unlabelled,
     infinite_loader,
     repeat_factors,
+    worker_count,
 )
 from gdistill.data.sources import UnlabelledImage
 from gdistill.distill.ema import ema_update
@@ -519,7 +520,7 @@ def train(
             shuffle=False,
             collate_fn=partial(collate_eval, size_divisibility=cfg.model.size_divisibility),
             generator=torch.Generator(),  # evaluation must not draw from the training RNG
-            num_workers=min(dcfg.num_workers, 2),
+            num_workers=worker_count(min(dcfg.num_workers, 2)),
         )
 
     tensorboard = None
