@@ -1,4 +1,6 @@
+import os
 import platform
+import signal
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from gdistill.engine.checkpoint import (
     save_checkpoint,
 )
 from gdistill.engine.optim import build_optimizer, lr_factor
+from gdistill.engine.stop_signals import StopOnSignal
 from gdistill.errors import GdistillError
 
 
@@ -97,3 +100,19 @@ def test_metrics_log_adds_columns_and_truncates_on_resume(tmp_path):
     assert path.read_text().splitlines() == ["step,a,b", "1,0.5,", "2,0.25,3", "3,,4"]
     MetricsLog(path, resume_step=2).write({"step": 3, "a": 1.0, "b": 5})
     assert path.read_text().splitlines() == ["step,a,b", "1,0.5,", "2,0.25,3", "3,1,5"]
+
+
+def test_stop_on_signal_before_and_after_arming():
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with StopOnSignal() as stop:
+        with pytest.raises(KeyboardInterrupt):  # setup is not yet the loop: stop at once
+            os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(SystemExit) as exited:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert exited.value.code == 128 + signal.SIGTERM and not stop.requested
+        stop.armed = True
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):  # a second signal does not wait
+            os.kill(os.getpid(), signal.SIGINT)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

@@ -27,7 +27,7 @@ from gdistill.data.synthetic import generate_synthetic
 from gdistill.engine import trainer
 from gdistill.engine.checkpoint import load_checkpoint
 from gdistill.engine.trainer import TrainingData, train
-from gdistill.errors import GdistillError
+from gdistill.errors import GdistillError, TrainingStopped
 from gdistill.evaluation.coco_eval import COCO_STAT_NAMES
 from gdistill.inference import evaluate_checkpoint
 
@@ -91,6 +91,13 @@ def _step_or_none(path: Path) -> int | None:
 
 def _kill_when_step(proc: Proc, last: Path, k: int) -> int:
     """SIGKILL ``proc`` once ``last`` holds step k or later; returns the step it held."""
+    step = _kill_when_step_then(proc, last, k, signal.SIGKILL)
+    assert proc.popen.wait() == -signal.SIGKILL  # alive until the kill
+    return step
+
+
+def _kill_when_step_then(proc: Proc, last: Path, k: int, signum: int) -> int:
+    """Send ``signum`` to ``proc`` once ``last`` holds step k or later; returns the step it held."""
     seen = None
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline:
@@ -105,8 +112,7 @@ def _kill_when_step(proc: Proc, last: Path, k: int) -> int:
             if step is not None:
                 seen = key
                 if step >= k:
-                    os.kill(proc.popen.pid, signal.SIGKILL)
-                    assert proc.popen.wait() == -signal.SIGKILL  # alive until the kill
+                    os.kill(proc.popen.pid, signum)
                     return step
         time.sleep(0.02)
     proc.stop()
@@ -304,7 +310,75 @@ def test_recovery_keeps_a_readable_fallback(recovered):
     assert load_checkpoint(run / "last.prev.pt")["step"] == DISTILL_ITERS - 1
 
 
-# ----------------------------------------------------------------------------- 3. non-finite guard
+# ----------------------------------------------------------------------------- 3. SIGINT / SIGTERM
+
+
+class SignalOnCall(torch.nn.Module):
+    """Wraps the criterion; sends ``signum`` to this process on its ``call``-th (1-based) call,
+    in the middle of an iteration."""
+
+    def __init__(self, inner: torch.nn.Module, signum: int, call: int) -> None:
+        super().__init__()
+        self.inner, self.signum, self.call, self.calls = inner, signum, call, 0
+
+    def forward(self, outputs, targets):
+        self.calls += 1
+        if self.calls == self.call:
+            os.kill(os.getpid(), self.signum)
+        return self.inner(outputs, targets)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_a_checkpoint_and_resume_equals_uninterrupted(
+    signum, teacher, tiny_data, distill_runs, tmp_path, monkeypatch
+):
+    run = tmp_path / "run"
+    real = trainer.build_criterion
+    # Guided burn-in with every pseudo-label kept: two criterion calls per iteration, so the
+    # fifth is in iteration 3.
+    monkeypatch.setattr(trainer, "build_criterion", lambda cfg, n: SignalOnCall(real(cfg, n), signum, 5))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(TrainingStopped) as stopped:
+        train(load_config("demo", DISTILL), run, tiny_data, teacher_checkpoint=teacher, progress=False)
+    assert stopped.value.signum == signum
+    assert str(stopped.value) == (
+        f"{signal.Signals(signum).name}: stopped after iteration 3 of {DISTILL_ITERS}; "
+        f"{run / 'last.pt'} saved, the same command with --resume continues"
+    )
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
+    assert load_checkpoint(run / "last.pt")["step"] == 3
+    assert [r["step"] for r in _rows(run / "metrics.csv")] == ["1", "2", "3"]
+
+    monkeypatch.setattr(trainer, "build_criterion", real)
+    train(load_config("demo", DISTILL), run, tiny_data, resume=True, progress=False)
+    full, resumed = load_checkpoint(distill_runs[0] / "last.pt"), load_checkpoint(run / "last.pt")
+    assert resumed["step"] == full["step"] == DISTILL_ITERS
+    _assert_same_state(resumed["model"], full["model"], "student")
+    _assert_same_state(resumed["teacher"], full["teacher"], "teacher")
+
+
+def test_ctrl_c_on_the_command_line_stops_with_a_checkpoint(synth, tmp_path):
+    out = tmp_path / "run"
+    cmd = _cli("train", "--labelled", synth / "train.json", "--images", synth / "images",
+               "--out", out, "--quiet", "--config", "demo", *TINY, "solver.max_iters=100000",
+               "eval_period=0", "checkpoint_period=1")
+    proc = Proc(cmd, tmp_path / "train.log")
+    try:
+        _kill_when_step_then(proc, out / "last.pt", 2, signal.SIGINT)
+        rc = proc.popen.wait(timeout=TIMEOUT)
+    finally:
+        proc.stop()
+    log = (tmp_path / "train.log").read_text()
+    assert rc == 128 + signal.SIGINT, log[-3000:]
+    line = log.strip().splitlines()[-1]
+    assert line.startswith("SIGINT: stopped after iteration ") and line.endswith(
+        f"{out / 'last.pt'} saved, the same command with --resume continues"
+    ), log[-3000:]
+    stopped_at = int(line.split("iteration ")[1].split(" ")[0])
+    assert load_checkpoint(out / "last.pt")["step"] == stopped_at >= 2
+
+
+# ----------------------------------------------------------------------------- 4. non-finite guard
 
 
 class NaNOnCalls(torch.nn.Module):
@@ -394,7 +468,7 @@ def test_nonfinite_forward_does_not_poison_batchnorm(tiny_data, tmp_path, monkey
     assert not bad, f"{len(bad)} non-finite tensors, e.g. {bad[:3]}"
 
 
-# ----------------------------------------------------------------------------- 4. AP read back
+# ----------------------------------------------------------------------------- 5. AP read back
 
 
 def _same_metrics(got: dict, logged: dict) -> None:

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from gdistill.errors import GdistillError, InvalidAnnotationError
+from gdistill.errors import GdistillError, InvalidAnnotationError, TrainingStopped
 
 MODEL_CHOICES = ("student", "teacher", "ema")  # the models a checkpoint can hold
 SKIP_HELP = (
@@ -600,6 +600,9 @@ def _run(argv: list[str] | None) -> int:
     except GdistillError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except TrainingStopped as exc:
+        print(exc, file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -12,3 +12,13 @@ class GdistillError(Exception):
 class InvalidAnnotationError(GdistillError):
     """An annotation whose mask is invalid (a polygon with fewer than 3 points, an empty mask, a
     malformed RLE): what ``load_coco(..., drop_invalid=True)`` skips instead of raising."""
+
+
+class TrainingStopped(Exception):
+    """Training stopped on SIGINT or SIGTERM after saving the checkpoint that ``--resume``
+    continues from. The CLI prints the message and exits with 128 + ``signum``, as a process
+    ended by that signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum

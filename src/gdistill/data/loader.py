@@ -22,6 +22,7 @@ import itertools
 import math
 import os
 import random
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -370,7 +371,17 @@ class _SkipSampler(Sampler):
         return itertools.islice(iter(self.sampler), count, None)
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: a terminal's Ctrl-C reaches the whole process group, and a
+    worker killed by it would leave the main process unable to finish its iteration and save a
+    checkpoint (``engine/stop_signals.py``). The main process shuts its workers down; they also
+    exit when it dies."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def _seed_worker(worker_id: int) -> None:
+    ignore_stop_signals()
     # torch already seeds each worker from the loader's generator; align numpy and random too
     # for any third-party randomness (the augmentations themselves use explicit generators).
     seed = torch.initial_seed() % 2**32

@@ -15,6 +15,7 @@ import csv
 import json
 import math
 import random
+import signal
 import sys
 import time
 import warnings
@@ -46,6 +47,7 @@ from gdistill.data.loader import (
     collate_eval,
     collate_labelled,
     collate_unlabelled,
+    ignore_stop_signals,
     infinite_loader,
     repeat_factors,
     worker_count,
@@ -74,7 +76,8 @@ from gdistill.engine.checkpoint import (
 from gdistill.engine.evaluate import autocast_for, evaluate_model, validation_picture
 from gdistill.engine.optim import build_optimizer, build_scheduler
 from gdistill.engine.run_info import read_run_info, write_run_info
-from gdistill.errors import GdistillError
+from gdistill.engine.stop_signals import StopOnSignal
+from gdistill.errors import GdistillError, TrainingStopped
 from gdistill.model.criterion import SetCriterion
 from gdistill.model.mask2former import Mask2Former, build_model, images_to_model_input
 from gdistill.model.matcher import HungarianMatcher
@@ -302,7 +305,22 @@ def train(
 ) -> dict:
     """Train and return the final metrics. Stage B when ``teacher_checkpoint`` is given (or when
     resuming a stage-B run). ``init_weights``: start stage A from the model of a checkpoint (its
-    architecture is used) instead of a fresh model."""
+    architecture is used) instead of a fresh model. SIGINT or SIGTERM during the iterations saves
+    ``last.pt`` at the end of the current one and raises :class:`TrainingStopped`."""
+    with StopOnSignal() as stop:
+        return _train(cfg, out_dir, data, teacher_checkpoint, resume, progress, init_weights, stop)
+
+
+def _train(
+    cfg: Config,
+    out_dir: str | Path,
+    data: TrainingData,
+    teacher_checkpoint: str | Path | None,
+    resume: bool,
+    progress: bool,
+    init_weights: str | Path | None,
+    stop: StopOnSignal,
+) -> dict:
     out_dir = Path(out_dir)
     resumed = latest_good_checkpoint(out_dir) if resume else None
     if resume and resumed is None:
@@ -521,6 +539,7 @@ def train(
             collate_fn=partial(collate_eval, size_divisibility=cfg.model.size_divisibility),
             generator=torch.Generator(),  # evaluation must not draw from the training RNG
             num_workers=worker_count(min(dcfg.num_workers, 2)),
+            worker_init_fn=ignore_stop_signals,
         )
 
     tensorboard = None
@@ -629,6 +648,7 @@ def train(
     nonfinite_in_a_row = 0
     skipped_steps = 0
     t_window = time.perf_counter()
+    stop.armed = True
     for step in range(start_step, max_iters):
         if teacher is not None:
             decay = teacher_decay_for_step(step, dist.burn_in, dist.burnin_iters, dist.ema_decay)
@@ -683,10 +703,15 @@ def train(
                 loss_unsup = dist.unsup_weight * _sum_losses(criterion(unsup_out, unsup_targets))
                 loss = loss + loss_unsup
 
-        finite = torch.isfinite(loss.detach()).float()
-        if world > 1:  # every rank must skip together, or DDP would wait forever
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        skipped = not bool(finite)
+        # Every rank must skip a step together, or DDP would wait forever, and stop together on
+        # a signal that reached some of them: one all-reduce of (finite, -stop) with MIN.
+        flags = torch.stack([torch.isfinite(loss.detach()).float(),
+                             torch.tensor(-float(stop.requested), device=device)])
+        if world > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
+        finite, stop_flag = flags.tolist()
+        stop_after_step = stop_flag < 0
+        skipped = not finite
         if skipped:
             # A non-finite loss never reaches the weights or a checkpoint.
             optimizer.zero_grad(set_to_none=True)
@@ -781,10 +806,20 @@ def train(
                 best_ap = ap
                 if main_process:
                     save_checkpoint(checkpoint_payload(done, with_optimizer=False), out_dir / "best.pt")
-        if (cfg.checkpoint_period > 0 and done % cfg.checkpoint_period == 0) or done == max_iters:
+        periodic = (cfg.checkpoint_period > 0 and done % cfg.checkpoint_period == 0) or done == max_iters
+        if periodic or stop_after_step:
             payload = checkpoint_payload(done, with_optimizer=True)  # collective: every rank
             if main_process:
                 rotate_and_save(payload, out_dir)
+        if stop_after_step and done < max_iters:
+            bar.close()
+            distributed.barrier()
+            signum = stop.signum or signal.SIGTERM  # a rank the signal did not reach
+            raise TrainingStopped(
+                f"{signal.Signals(signum).name}: stopped after iteration {done} of {max_iters}; "
+                f"{out_dir / 'last.pt'} saved, the same command with --resume continues",
+                signum,
+            )
     bar.close()
     if main_process:
         plot_training_curves(out_dir)
