@@ -1,8 +1,12 @@
 """Two CPU processes with the gloo backend, launched by torchrun as users do."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import torch
 from tiny_config import TINY as TINY_BASE
@@ -54,3 +58,45 @@ def test_two_processes_train_and_distill_in_sync(tmp_path):
     # rank 0 alone wrote the logs: one header and one row per step
     rows = (tmp_path / "s" / "metrics.csv").read_text().splitlines()
     assert len(rows) == 1 + 3
+
+
+def _worker_pid(launcher_pid: int, rank: int) -> int | None:
+    """The pid of torchrun's worker process of ``rank`` (Linux /proc), or None while absent."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or int((proc / "stat").read_text().split()[3]) != launcher_pid:
+                continue
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    return None
+
+
+def test_a_signal_to_one_rank_stops_both_at_the_same_iteration(tmp_path):
+    train_json, _ = generate_synthetic(tmp_path / "d", 4, 1, seed=5, image_size=64, progress=False)
+    out = tmp_path / "t"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29518", "-m", "gdistill", "train", "--labelled", str(train_json),
+           "--images", str(tmp_path / "d" / "images"), "--out", str(out), "--config", "demo",
+           "--quiet", *TINY_BASE, "solver.max_iters=100000", "eval_period=0", "checkpoint_period=1"]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "last.pt").exists() and launcher.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint in 300 s"
+            time.sleep(0.1)
+        rank1 = _worker_pid(launcher.pid, 1)
+        assert rank1 is not None, launcher.stdout.read() if launcher.poll() is not None else ""
+        os.kill(rank1, signal.SIGTERM)  # rank 0 is not told
+        log, _ = launcher.communicate(timeout=300)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    stops = [line for line in log.splitlines() if "stopped after iteration" in line]
+    assert len(stops) == 2, log[-3000:]  # both ranks, at one iteration, with one message each
+    assert len({line.split("stopped after iteration ")[1] for line in stops}) == 1, stops
+    step = int(stops[0].split("stopped after iteration ")[1].split(" ")[0])
+    last = load_checkpoint(out / "last.pt")
+    assert last["step"] == step and len(last["rng"]) == 2
