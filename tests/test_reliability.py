@@ -348,6 +348,7 @@ def test_signal_saves_a_checkpoint_and_resume_equals_uninterrupted(
     assert {s: signal.getsignal(s) for s in handlers} == handlers
     assert load_checkpoint(run / "last.pt")["step"] == 3
     assert [r["step"] for r in _rows(run / "metrics.csv")] == ["1", "2", "3"]
+    assert (run / "report" / "losses.png").exists()  # the curves so far
 
     monkeypatch.setattr(trainer, "build_criterion", real)
     train(load_config("demo", DISTILL), run, tiny_data, resume=True, progress=False)

@@ -51,4 +51,3 @@ class StopOnSignal:
             "(Ctrl-C again to stop at once)",
             file=sys.stderr,
         )
-

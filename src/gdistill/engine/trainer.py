@@ -813,6 +813,8 @@ def _train(
                 rotate_and_save(payload, out_dir)
         if stop_after_step and done < max_iters:
             bar.close()
+            if main_process:
+                plot_training_curves(out_dir)  # the curves so far
             distributed.barrier()
             signum = stop.signum or signal.SIGTERM  # a rank the signal did not reach
             raise TrainingStopped(
