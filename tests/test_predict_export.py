@@ -170,6 +170,43 @@ def test_predict_single_image_and_bad_input(checkpoint, mixed_images, tmp_path, 
     assert [im["file_name"] for im in json.loads((out / "images.json").read_text())["images"]] == ["a.png"]
 
 
+def test_predict_stops_at_an_unreadable_image_or_skips_it(checkpoint, mixed_images, tmp_path, capsys):
+    root, _ = mixed_images
+    whole = (root / "a.png").read_bytes()
+    (root / "sub" / "half.png").write_bytes(whole[: len(whole) // 2])  # header fine, pixels cut
+    (root / "text.jpg").write_bytes(b"not an image")  # the header check finds it
+    args = ["predict", "--weights", str(checkpoint), "--input", str(root), "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "stop")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {root / 'text.jpg'}: cannot read image (")
+    assert err.rstrip().endswith("(--skip-unreadable leaves such images out, listing each)")
+    assert not (tmp_path / "stop" / "predictions.json").exists()
+
+    (root / "text.jpg").unlink()
+    assert main([*args, "--out", str(tmp_path / "stop2")]) == 2
+    assert f"error: {root / 'sub' / 'half.png'}: corrupt or truncated image (" in capsys.readouterr().err
+
+    (root / "text.jpg").write_bytes(b"not an image")
+    out = tmp_path / "skip"
+    assert main([*args, "--out", str(out), "--skip-unreadable", "--batch-size", "2"]) == 0
+    captured = capsys.readouterr()
+    warned = [line for line in captured.err.splitlines() if line.startswith("warning: skipped")]
+    assert len(warned) == 2
+    assert warned[0].startswith(
+        f"warning: skipped unreadable image: {root / 'text.jpg'}: cannot read image ("
+    )
+    assert warned[1].startswith(
+        f"warning: skipped unreadable image: {root / 'sub' / 'half.png'}: corrupt or truncated image ("
+    )
+    assert captured.out.startswith("3 images (2 unreadable skipped), ")
+    images = json.loads((out / "images.json").read_text())["images"]
+    assert [(im["id"], im["file_name"]) for im in images] == [(1, "a.png"), (2, "b.jpg"), (3, "sub/c.png")]
+    assert {r["image_id"] for r in load_results(out / "predictions.json")} <= {1, 2, 3}
+    assert sorted(p.relative_to(out / "overlays").as_posix() for p in (out / "overlays").rglob("*.png")) == [
+        "a.png", "b.png", "sub/c.png"
+    ]
+
+
 def test_load_model_predicts_at_each_image_size(checkpoint, mixed_images):
     root, _ = mixed_images
     predictor = load_model(checkpoint, device="cpu")

@@ -8,7 +8,12 @@ import os
 import sys
 from pathlib import Path
 
-from gdistill.errors import GdistillError, InvalidAnnotationError, TrainingStopped
+from gdistill.errors import (
+    GdistillError,
+    InvalidAnnotationError,
+    TrainingStopped,
+    UnreadableImageError,
+)
 
 MODEL_CHOICES = ("student", "teacher", "ema")  # the models a checkpoint can hold
 SKIP_HELP = (
@@ -169,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace the predictions already in --out")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="leave out image files that cannot be read (missing, corrupt), listing each")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("report", help="training curves, example pictures and summary.md of a run")
@@ -465,18 +472,25 @@ def cmd_predict(args: argparse.Namespace) -> None:
             "or another --out"
         )
     keep_freed_memory()  # as in training: reuse the per-batch activations' memory
-    done = predict_to_folder(
-        args.weights,
-        args.input,
-        args.out,
-        model=args.model,
-        score_threshold=args.score_threshold,
-        batch_size=args.batch_size,
-        device=args.device,
-        progress=not args.quiet,
-    )
+    try:
+        done = predict_to_folder(
+            args.weights,
+            args.input,
+            args.out,
+            model=args.model,
+            score_threshold=args.score_threshold,
+            batch_size=args.batch_size,
+            device=args.device,
+            progress=not args.quiet,
+            skip_unreadable=args.skip_unreadable,
+        )
+    except UnreadableImageError as e:
+        raise GdistillError(f"{e} (--skip-unreadable leaves such images out, listing each)") from e
+    for message in done["skipped"]:
+        print(f"warning: skipped unreadable image: {message}", file=sys.stderr)
+    skipped = f" ({len(done['skipped'])} unreadable skipped)" if done["skipped"] else ""
     print(
-        f"{done['images']} images, {done['instances']} instances with score >= "
+        f"{done['images']} images{skipped}, {done['instances']} instances with score >= "
         f"{args.score_threshold:g} → {done['predictions']} (ids in {args.out / 'images.json'}); "
         f"overlays under {done['overlays']}"
     )

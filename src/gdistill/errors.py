@@ -14,6 +14,11 @@ class InvalidAnnotationError(GdistillError):
     malformed RLE): what ``load_coco(..., drop_invalid=True)`` skips instead of raising."""
 
 
+class UnreadableImageError(GdistillError):
+    """An image file that is missing or cannot be decoded: what ``predict --skip-unreadable``
+    skips instead of stopping."""
+
+
 class TrainingStopped(Exception):
     """Training stopped on SIGINT or SIGTERM after saving the checkpoint that ``--resume``
     continues from. The CLI prints the message and exits with 128 + ``signum``, as a process

@@ -20,16 +20,17 @@ from tqdm import tqdm
 
 from gdistill.data.coco import read_image
 from gdistill.data.sources import IMAGE_EXTENSIONS, UnlabelledImage, unlabelled_from_folder
-from gdistill.errors import GdistillError
+from gdistill.errors import GdistillError, UnreadableImageError
 from gdistill.evaluation.coco_eval import instances_to_coco_results, write_results
 from gdistill.viz import overlay_instances
 
 
-def list_inputs(source: str | Path) -> list[UnlabelledImage]:
-    """A folder (recursive, sorted) or a single image file."""
+def list_inputs(source: str | Path, skipped: list[str] | None = None) -> list[UnlabelledImage]:
+    """A folder (recursive, sorted) or a single image file. ``skipped``: see
+    :func:`unlabelled_from_folder`."""
     source = Path(source)
     if source.is_dir():
-        return unlabelled_from_folder(source)
+        return unlabelled_from_folder(source, skipped)
     if not source.exists():
         raise GdistillError(f"{source}: input image or folder not found")
     if not source.name.lower().endswith(IMAGE_EXTENSIONS):
@@ -54,16 +55,20 @@ def predict_to_folder(
     batch_size: int = 4,
     device: str = "auto",
     progress: bool = True,
+    skip_unreadable: bool = False,
 ) -> dict:
     """Run a checkpoint over images; returns ``{"images", "instances", "predictions",
-    "overlays"}`` (counts and paths). What an earlier call wrote in ``out_dir`` is replaced."""
+    "overlays", "skipped"}`` (counts, paths, and one message per image skipped). What an earlier
+    call wrote in ``out_dir`` is replaced. An image that cannot be read stops the run with
+    :class:`UnreadableImageError`, or with ``skip_unreadable`` is left out (no id, no overlay)."""
     from gdistill.inference import load_model
 
     if batch_size < 1:
         raise GdistillError(f"--batch-size must be at least 1, got {batch_size}")
     if not 0.0 <= score_threshold <= 1.0:
         raise GdistillError(f"--score-threshold must lie in [0, 1], got {score_threshold}")
-    inputs = list_inputs(source)
+    skipped: list[str] = []
+    inputs = list_inputs(source, skipped if skip_unreadable else None)
     predictor = load_model(weights, model, device)
     out_dir = Path(out_dir)
     overlay_dir = out_dir / "overlays"
@@ -81,13 +86,22 @@ def predict_to_folder(
         total=len(inputs), desc="predict", unit="img", disable=not progress, dynamic_ncols=True
     )
     for start in range(0, len(inputs), batch_size):
-        chunk = inputs[start : start + batch_size]
-        arrays = [read_image(item.path) for item in chunk]
+        chunk, arrays = [], []
+        for index in range(start, min(start + batch_size, len(inputs))):
+            try:
+                arrays.append(read_image(inputs[index].path))
+            except UnreadableImageError as e:
+                if not skip_unreadable:
+                    raise
+                skipped.append(str(e))
+                continue
+            chunk.append(index)
         instances = predictor.predict(
             arrays, score_threshold=score_threshold, batch_size=batch_size
-        )
-        for j, (item, array, inst) in enumerate(zip(chunk, arrays, instances, strict=True)):
-            image_id = start + j + 1
+        ) if arrays else []
+        for index, array, inst in zip(chunk, arrays, instances, strict=True):
+            item = inputs[index]
+            image_id = len(images_info) + 1
             found = instances_to_coco_results(
                 image_id, inst.masks, inst.scores, inst.labels, predictor.category_ids
             )
@@ -103,10 +117,10 @@ def predict_to_folder(
             picture = overlay_instances(
                 array, inst.masks, inst.labels, inst.scores, predictor.class_names, score_threshold
             )
-            path = overlay_dir / names[start + j]
+            path = overlay_dir / names[index]
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(picture).save(path)
-        bar.update(len(chunk))
+        bar.update(min(batch_size, len(inputs) - start))
     bar.close()
 
     predictions = out_dir / "predictions.json"
@@ -115,8 +129,9 @@ def predict_to_folder(
         json.dumps({"images": images_info, "categories": categories}, indent=1) + "\n"
     )
     return {
-        "images": len(inputs),
+        "images": len(images_info),
         "instances": len(results),
         "predictions": predictions,
         "overlays": overlay_dir,
+        "skipped": skipped,
     }

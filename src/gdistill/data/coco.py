@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
-from gdistill.errors import GdistillError, InvalidAnnotationError
+from gdistill.errors import GdistillError, InvalidAnnotationError, UnreadableImageError
 
 
 @dataclass
@@ -500,7 +500,7 @@ def read_image(path: Path, expected_size: tuple[int, int] | None = None) -> np.n
     """
     path = Path(path)
     if not path.is_file():
-        raise GdistillError(f"{path}: image file not found")
+        raise UnreadableImageError(f"{path}: image file not found")
     try:
         with Image.open(path) as image:
             stored, orientation = (image.height, image.width), exif_orientation(image)
@@ -510,9 +510,9 @@ def read_image(path: Path, expected_size: tuple[int, int] | None = None) -> np.n
                 image = image.transpose(_TO_DISPLAYED[orientation])
             array = np.array(to_uint8(image), dtype=np.uint8)
     except (UnidentifiedImageError, Image.DecompressionBombError) as e:
-        raise GdistillError(f"{path}: cannot read image ({_one_line(e)})") from e
+        raise UnreadableImageError(f"{path}: cannot read image ({_one_line(e)})") from e
     except (OSError, SyntaxError, ValueError) as e:
-        raise GdistillError(f"{path}: corrupt or truncated image ({_one_line(e)})") from e
+        raise UnreadableImageError(f"{path}: corrupt or truncated image ({_one_line(e)})") from e
     return array
 
 
@@ -576,8 +576,8 @@ def check_image_header(path: Path, expected_size: tuple[int, int] | None = None)
         with Image.open(path) as image:
             stored, orientation = (image.height, image.width), exif_orientation(image)
     except (UnidentifiedImageError, Image.DecompressionBombError) as e:
-        raise GdistillError(f"{path}: cannot read image ({_one_line(e)})") from e
+        raise UnreadableImageError(f"{path}: cannot read image ({_one_line(e)})") from e
     except (OSError, SyntaxError, ValueError) as e:
-        raise GdistillError(f"{path}: corrupt image ({_one_line(e)})") from e
+        raise UnreadableImageError(f"{path}: corrupt image ({_one_line(e)})") from e
     _check_size(path, stored, orientation, expected_size)
     return orientation

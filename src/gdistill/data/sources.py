@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gdistill.data.coco import check_image_header, load_coco
-from gdistill.errors import GdistillError
+from gdistill.errors import GdistillError, UnreadableImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -45,12 +45,16 @@ def unlabelled_from_coco(
     return images
 
 
-def unlabelled_from_folder(folder: str | Path) -> list[UnlabelledImage]:
+def unlabelled_from_folder(
+    folder: str | Path, skipped: list[str] | None = None
+) -> list[UnlabelledImage]:
     """All images under ``folder`` (recursive), sorted by relative path.
 
     Hidden files and folders (name starting with ".") are skipped; linked folders are followed
     (each real folder once). Extensions are matched case-insensitively against
-    ``IMAGE_EXTENSIONS``.
+    ``IMAGE_EXTENSIONS``. A file that cannot be read (empty, a broken link, a header that is not
+    an image's) stops with an error, or, when ``skipped`` is a list, is left out with its
+    message appended to that list.
     """
     folder = Path(folder)
     if not folder.exists():
@@ -74,16 +78,36 @@ def unlabelled_from_folder(folder: str | Path) -> list[UnlabelledImage]:
         raise GdistillError(
             f"{folder}: no images found (searched recursively for {', '.join(IMAGE_EXTENSIONS)})"
         )
+    keys.sort()
+    if skipped is not None:
+        keys = [k for k in keys if _readable(folder / k, skipped)]
+        if not keys:
+            raise GdistillError(f"{folder}: no readable images ({len(skipped)} unreadable)")
     # A 0-byte file (an interrupted copy or download) or a broken link would stop a run
     # mid-way: stop now.
-    bad = [k for k in sorted(keys) if not (folder / k).is_file() or (folder / k).stat().st_size == 0]
+    bad = [k for k in keys if not (folder / k).is_file() or (folder / k).stat().st_size == 0]
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         problem = "empty image file (0 bytes)" if (folder / bad[0]).is_file() else "broken link"
-        raise GdistillError(f"{folder / bad[0]}: {problem}{more}")
+        raise UnreadableImageError(f"{folder / bad[0]}: {problem}{more}")
     for key in keys:
         check_image_header(folder / key)
-    return [UnlabelledImage(key=k, path=folder / k, image_id=None) for k in sorted(keys)]
+    return [UnlabelledImage(key=k, path=folder / k, image_id=None) for k in keys]
+
+
+def _readable(path: Path, skipped: list[str]) -> bool:
+    """Whether ``path`` passes the folder's checks; if not, its message goes to ``skipped``."""
+    if not path.is_file():
+        skipped.append(f"{path}: broken link")
+    elif path.stat().st_size == 0:
+        skipped.append(f"{path}: empty image file (0 bytes)")
+    else:
+        try:
+            check_image_header(path)
+            return True
+        except UnreadableImageError as e:
+            skipped.append(str(e))
+    return False
 
 
 def open_unlabelled(
