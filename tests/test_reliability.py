@@ -379,6 +379,24 @@ def test_ctrl_c_on_the_command_line_stops_with_a_checkpoint(synth, tmp_path):
     assert load_checkpoint(out / "last.pt")["step"] == stopped_at >= 2
 
 
+def test_an_image_that_fails_in_a_worker_ends_the_run_in_one_line(synth, teacher, tmp_path):
+    # The header check passes, the decode in a DataLoader worker fails: the run must end with
+    # the file named (not torch's worker traceback), and not hang while its workers shut down.
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    for image in sorted((synth / "images").rglob("*.png"))[:3]:
+        shutil.copy(image, folder / image.name)
+    whole = image.read_bytes()
+    (folder / "z_cut.png").write_bytes(whole[: len(whole) // 2])
+    cmd = _cli("distill", "--teacher", teacher, "--labelled", synth / "train.json",
+               "--unlabelled", folder, "--images", synth / "images", "--out", tmp_path / "run",
+               "--quiet", "--config", "demo", *DISTILL, "data.num_workers=2")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV)
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {folder / 'z_cut.png'}: corrupt or truncated image ("), last
+
+
 # ----------------------------------------------------------------------------- 4. non-finite guard
 
 

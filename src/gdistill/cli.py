@@ -553,7 +553,7 @@ def one_line(exc: GdistillError) -> str:
     if "\n" not in text:
         return text
     last = text.splitlines()[-1].strip()
-    prefix = f"{GdistillError.__module__}.{GdistillError.__name__}: "
+    prefix = f"{type(exc).__module__}.{type(exc).__name__}: "  # torch re-raises the same type
     return last[len(prefix) :] if last.startswith(prefix) else last
 
 

@@ -372,12 +372,17 @@ class _SkipSampler(Sampler):
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: a terminal's Ctrl-C reaches the whole process group, and a
-    worker killed by it would leave the main process unable to finish its iteration and save a
-    checkpoint (``engine/stop_signals.py``). The main process shuts its workers down; they also
-    exit when it dies."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
+    """DataLoader ``worker_init_fn`` for the main process's stop on a signal
+    (``engine/stop_signals.py``). A terminal's Ctrl-C reaches the whole process group: a worker
+    ignores it, so the main process can finish its iteration and save. SIGTERM (the one PyTorch
+    and multiprocessing send to end workers) ends a worker with status 0: ignoring it would hang
+    their shutdown, and dying of it would make PyTorch's SIGCHLD handler abort the main process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_quietly)
+
+
+def _exit_quietly(signum: int, frame: object) -> None:
+    os._exit(0)
 
 
 def _seed_worker(worker_id: int) -> None:
