@@ -86,7 +86,7 @@ def predict_to_folder(
         total=len(inputs), desc="predict", unit="img", disable=not progress, dynamic_ncols=True
     )
     for start in range(0, len(inputs), batch_size):
-        chunk, arrays = [], []
+        indices, arrays = [], []  # of the images read
         for index in range(start, min(start + batch_size, len(inputs))):
             try:
                 arrays.append(read_image(inputs[index].path))
@@ -95,11 +95,11 @@ def predict_to_folder(
                     raise
                 skipped.append(str(e))
                 continue
-            chunk.append(index)
+            indices.append(index)
         instances = predictor.predict(
             arrays, score_threshold=score_threshold, batch_size=batch_size
         ) if arrays else []
-        for index, array, inst in zip(chunk, arrays, instances, strict=True):
+        for index, array, inst in zip(indices, arrays, instances, strict=True):
             item = inputs[index]
             image_id = len(images_info) + 1
             found = instances_to_coco_results(
