@@ -78,36 +78,36 @@ def unlabelled_from_folder(
         raise GdistillError(
             f"{folder}: no images found (searched recursively for {', '.join(IMAGE_EXTENSIONS)})"
         )
-    keys.sort()
-    if skipped is not None:
-        keys = [k for k in keys if _readable(folder / k, skipped)]
-        if not keys:
-            raise GdistillError(f"{folder}: no readable images ({len(skipped)} unreadable)")
-    # A 0-byte file (an interrupted copy or download) or a broken link would stop a run
-    # mid-way: stop now.
-    bad = [k for k in keys if not (folder / k).is_file() or (folder / k).stat().st_size == 0]
-    if bad:
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        problem = "empty image file (0 bytes)" if (folder / bad[0]).is_file() else "broken link"
-        raise UnreadableImageError(f"{folder / bad[0]}: {problem}{more}")
-    for key in keys:
-        check_image_header(folder / key)
-    return [UnlabelledImage(key=k, path=folder / k, image_id=None) for k in keys]
+    # A 0-byte file (an interrupted copy or download), a broken link or a file that is not an
+    # image would stop a run mid-way: find them now.
+    readable, problems = [], []
+    for key in sorted(keys):
+        problem = _reading_problem(folder / key)
+        if problem is None:
+            readable.append(key)
+        else:
+            problems.append(problem)
+    if problems and skipped is None:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UnreadableImageError(f"{problems[0]}{more}")
+    if problems:
+        skipped.extend(problems)
+        if not readable:
+            raise GdistillError(f"{folder}: no readable images ({len(problems)} unreadable)")
+    return [UnlabelledImage(key=k, path=folder / k, image_id=None) for k in readable]
 
 
-def _readable(path: Path, skipped: list[str]) -> bool:
-    """Whether ``path`` passes the folder's checks; if not, its message goes to ``skipped``."""
+def _reading_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be read as an image, from its header alone; None if it can."""
     if not path.is_file():
-        skipped.append(f"{path}: broken link")
-    elif path.stat().st_size == 0:
-        skipped.append(f"{path}: empty image file (0 bytes)")
-    else:
-        try:
-            check_image_header(path)
-            return True
-        except UnreadableImageError as e:
-            skipped.append(str(e))
-    return False
+        return f"{path}: broken link"
+    if path.stat().st_size == 0:
+        return f"{path}: empty image file (0 bytes)"
+    try:
+        check_image_header(path)
+    except UnreadableImageError as e:
+        return str(e)
+    return None
 
 
 def open_unlabelled(
