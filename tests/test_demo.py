@@ -7,7 +7,7 @@ from tiny_config import TINY as TINY_BASE
 
 import gdistill.demo
 from gdistill.cli import main
-from gdistill.demo import ARMS, DemoTier, format_demo_table, run_demo
+from gdistill.demo import ARMS, DemoTier, format_demo_table, guided_minus, run_demo
 from gdistill.errors import GdistillError
 
 TINY = [*TINY_BASE, "distill.score_threshold=0.0"]
@@ -54,6 +54,10 @@ def test_tiny_demo_writes_results_plot_and_pictures(tmp_path, capsys, monkeypatc
     ema_ap = [row[header.index("ema_AP")] for row in rows]
     assert ema_ap[0] == "" and float(ema_ap[1]) == saved["supervised"]["ema_AP"]
     assert saved["tier"]["name"] == "tiny" and saved["tier"]["seeds"] == [0]
+    for arm in ("supervised", "standard_burnin"):
+        gain = saved["guided_minus"][arm]
+        assert gain["per_seed"] == [saved["guided_burnin"]["AP"] - saved[arm]["AP"]]
+        assert gain["mean"] == gain["per_seed"][0] and gain["std"] == 0.0
     assert set(saved["machine"]) >= {"cpu", "cpu_capability", "threads"}
     assert (tmp_path / "demo_curves.png").stat().st_size > 5000
     assert (tmp_path / "seed0" / "split" / "labelled.json").is_file()
@@ -107,10 +111,25 @@ def test_demo_table_shows_spread_over_seeds():
         "tier": {"name": "full", "seeds": [0, 1, 2]},
         "minutes": 12.0,
     }
+    result["guided_minus"] = guided_minus(
+        {
+            "0": {"guided_burnin": {"AP": 25.0}, "supervised": {"AP": 21.0}, "standard_burnin": {"AP": 23.0}},
+            "1": {"guided_burnin": {"AP": 27.5}, "supervised": {"AP": 22.0}, "standard_burnin": {"AP": 22.0}},
+            "2": {"guided_burnin": {"AP": 26.25}, "supervised": {"AP": 20.0},
+                  "standard_burnin": {"AP": None}},
+        }
+    )
+    assert result["guided_minus"]["supervised"]["per_seed"] == [4.0, 5.5, 6.25]
+    assert result["guided_minus"]["supervised"]["mean"] == 5.25
+    # a seed whose arm has no AP (an interrupted run) is left out of the pairs, not counted as 0
+    assert result["guided_minus"]["standard_burnin"]["per_seed"] == [2.0, 5.5]
     table = format_demo_table(result)
+    # the sample standard deviation of 4.0, 5.5, 6.25 is 1.146
+    assert "guided_burnin minus supervised: +5.2 ± 1.1 (per seed +4.0 / +5.5 / +6.2)" in table
+    assert "guided_burnin minus standard_burnin: +3.8 ± 2.5 (per seed +2.0 / +5.5)" in table
     assert "26.2±1.2" in table or "26.3±1.2" in table
     assert "22.5±0.7" in table and "21.0 " in table
-    rows = {line.split()[0]: line.split() for line in table.splitlines()}
+    rows = {line.split()[0]: line.split() for line in table.splitlines() if "minus" not in line}
     assert rows["supervised"][-1] == "-"
     assert rows["standard_burnin"][-1] == "23.0" and rows["guided_burnin"][-1] == "28.0"
 

@@ -217,6 +217,7 @@ def run_demo(
     summary["teacher"] = {"AP": _mean([per_seed[s]["teacher"]["AP"] for s in per_seed])}
     result = {
         **summary,
+        "guided_minus": guided_minus(per_seed),
         "tier": asdict(tier) | {"seeds": seeds},
         "per_seed": per_seed,
         "minutes": (time.perf_counter() - started) / 60,
@@ -226,6 +227,18 @@ def run_demo(
     _write_plot(out_dir, per_seed)
     print(format_demo_table(result))
     return result
+
+
+def guided_minus(per_seed: dict) -> dict:
+    """Guided burn-in's AP minus each other arm's, paired by seed: {arm: {"mean", "std",
+    "per_seed"}}. The arms of one seed share its teacher, so these differences spread far less
+    over seeds than the arms' APs do, whose spread is mostly the teachers'."""
+    gains = {}
+    for arm in ("supervised", "standard_burnin"):
+        pairs = [(per_seed[s]["guided_burnin"]["AP"], per_seed[s][arm]["AP"]) for s in per_seed]
+        diffs = [g - a for g, a in pairs if g is not None and a is not None]
+        gains[arm] = {"mean": _mean(diffs), "std": _std(diffs), "per_seed": diffs}
+    return gains
 
 
 def _record_or_check_budget(out_dir: Path, tier: DemoTier, overrides: list[str], resume: bool) -> None:
@@ -305,6 +318,13 @@ def format_demo_table(result: dict) -> str:
             f"{arm:18s}{ap:>8s}{_cell(row['AP50']):>8s}{_cell(row['AP75']):>8s}"
             f"{_cell(row.get('ema_AP')):>15s}"
         )
+    for arm, gain in result.get("guided_minus", {}).items():
+        if gain["mean"] is not None:
+            line = f"guided_burnin minus {arm}: {gain['mean']:+.1f}"
+            if len(gain["per_seed"]) > 1:
+                seeds = " / ".join(f"{d:+.1f}" for d in gain["per_seed"])
+                line += f" ± {gain['std']:.1f} (per seed {seeds})"
+            lines.append(line)
     lines.append(
         f"({result['tier']['name']} tier, seeds {result['tier']['seeds']}, "
         f"{result['minutes']:.1f} min; mask AP in percent on the validation images, of the\n"
