@@ -75,29 +75,52 @@ def _worker_pid(launcher_pid: int, rank: int) -> int | None:
     return None
 
 
-def test_a_signal_to_one_rank_stops_both_at_the_same_iteration(tmp_path):
+def _train_until_stopped(tmp_path: Path, port: int, send_sigterm, *extra: str) -> tuple[str, Path]:
+    """torchrun, 2 ranks, an endless tiny train run; once it has a checkpoint,
+    ``send_sigterm(launcher)``; returns the launcher's output and the run folder."""
     train_json, _ = generate_synthetic(tmp_path / "d", 4, 1, seed=5, image_size=64, progress=False)
     out = tmp_path / "t"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29518", "-m", "gdistill", "train", "--labelled", str(train_json),
+           "--master_port", str(port), "-m", "gdistill", "train", "--labelled", str(train_json),
            "--images", str(tmp_path / "d" / "images"), "--out", str(out), "--config", "demo",
-           "--quiet", *TINY_BASE, "solver.max_iters=100000", "eval_period=0", "checkpoint_period=1"]
+           "--quiet", *TINY_BASE, "solver.max_iters=100000", "eval_period=0", "checkpoint_period=1",
+           *extra]
     launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
         while not (out / "last.pt").exists() and launcher.poll() is None:
             assert time.monotonic() < deadline, "no checkpoint in 300 s"
             time.sleep(0.1)
-        rank1 = _worker_pid(launcher.pid, 1)
-        assert rank1 is not None, launcher.stdout.read() if launcher.poll() is not None else ""
-        os.kill(rank1, signal.SIGTERM)  # rank 0 is not told
+        send_sigterm(launcher)
         log, _ = launcher.communicate(timeout=300)
     finally:
         if launcher.poll() is None:
             launcher.kill()
+    return log, out
+
+
+def _assert_both_stopped_at_one_iteration(log: str, out: Path) -> None:
     # One message per rank (the two may interleave on the shared pipe), at one iteration.
     stops = re.findall(r"SIGTERM: stopped after iteration (\d+) of 100000", log)
     assert len(stops) == 2 and stops[0] == stops[1], log[-3000:]
-    step = int(stops[0])
     last = load_checkpoint(out / "last.pt")
-    assert last["step"] == step and len(last["rng"]) == 2
+    assert last["step"] == int(stops[0]) and len(last["rng"]) == 2
+
+
+def test_a_signal_to_one_rank_stops_both_at_the_same_iteration(tmp_path):
+    def to_rank1(launcher):
+        rank1 = _worker_pid(launcher.pid, 1)
+        assert rank1 is not None, launcher.stdout.read() if launcher.poll() is not None else ""
+        os.kill(rank1, signal.SIGTERM)  # rank 0 is not told
+
+    _assert_both_stopped_at_one_iteration(*_train_until_stopped(tmp_path, 29518, to_rank1))
+
+
+def test_sigterm_to_torchrun_with_dataloader_workers_stops_both_ranks(tmp_path):
+    # What a scheduler's pre-emption does: torchrun's agent passes SIGTERM on to each rank's whole
+    # process group, DataLoader workers included; the ranks still finish their iteration and save.
+    log, out = _train_until_stopped(
+        tmp_path, 29519, lambda launcher: launcher.send_signal(signal.SIGTERM), "data.num_workers=1"
+    )
+    assert "exited unexpectedly" not in log, log[-3000:]
+    _assert_both_stopped_at_one_iteration(log, out)

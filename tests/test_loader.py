@@ -1,6 +1,10 @@
 import itertools
 import json
 import math
+import os
+import signal
+import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -20,6 +24,7 @@ from gdistill.data.loader import (
     collate_eval,
     collate_labelled,
     collate_unlabelled,
+    ignore_stop_signals,
     infinite_loader,
     repeat_factors,
     sample_seed,
@@ -357,3 +362,36 @@ def test_loader_with_more_workers_than_cpus_does_not_warn(monkeypatch, recwarn):
     first = next(keys)
     assert len(first) == 2 and {index for index, _ in first} <= set(range(6))
     assert not [w for w in recwarn if "worker" in str(w.message)]
+
+
+class _WorkerPid(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1000
+
+    def __getitem__(self, index):
+        return os.getpid()
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="the sender of a signal is not known")
+def test_a_worker_outlives_a_sigterm_to_the_group_and_ends_on_its_main_process_one():
+    loader = torch.utils.data.DataLoader(
+        _WorkerPid(), batch_size=None, num_workers=2, worker_init_fn=ignore_stop_signals
+    )
+    batches = iter(loader)
+    pids = {next(batches) for _ in range(4)}
+    workers = {w.pid: w for w in batches._workers}
+    assert pids == set(workers)
+    first, second = sorted(pids)
+    # Sent by another process, as scancel or a shell's `kill -- -PGID` would: the main process
+    # handles that stop, the worker keeps serving it.
+    subprocess.run(["kill", "-TERM", str(first)], check=True)
+    subprocess.run(["kill", "-INT", str(first)], check=True)
+    time.sleep(0.5)
+    assert workers[first].is_alive() and first in {next(batches) for _ in range(4)}
+    # Sent by the main process, as PyTorch and multiprocessing end their workers: it ends.
+    os.kill(second, signal.SIGTERM)
+    workers[second].join(timeout=10)
+    assert workers[second].exitcode == 0
+    del batches  # shuts the other worker down through the same path
+    workers[first].join(timeout=10)
+    assert workers[first].exitcode == 0

@@ -57,10 +57,12 @@ def _cli(*args) -> list[str]:
 class Proc:
     """A ``gdistill`` subprocess whose output goes to a log file next to its run folder."""
 
-    def __init__(self, cmd: list[str], log: Path) -> None:
+    def __init__(self, cmd: list[str], log: Path, new_session: bool = False) -> None:
         self.log = log
         with open(log, "w") as f:
-            self.popen = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=ENV)
+            self.popen = subprocess.Popen(
+                cmd, stdout=f, stderr=subprocess.STDOUT, env=ENV, start_new_session=new_session
+            )
 
     def finish(self) -> None:
         try:
@@ -377,6 +379,47 @@ def test_ctrl_c_on_the_command_line_stops_with_a_checkpoint(synth, tmp_path):
     ), log[-3000:]
     stopped_at = int(line.split("iteration ")[1].split(" ")[0])
     assert load_checkpoint(out / "last.pt")["step"] == stopped_at >= 2
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="the sender of a signal is not known")
+def test_sigterm_to_the_process_group_with_workers_stops_with_a_checkpoint(synth, tmp_path):
+    # scancel, SLURM pre-emption and torchrun's agent signal the whole process group, the
+    # DataLoader workers with it: the run must still finish its iteration (whose batch may
+    # come from a worker), save and exit, leaving no process behind.
+    out = tmp_path / "run"
+    cmd = _cli("train", "--labelled", synth / "train.json", "--images", synth / "images",
+               "--out", out, "--quiet", "--config", "demo", *TINY, "solver.max_iters=100000",
+               "eval_period=0", "checkpoint_period=1", "data.num_workers=2")
+    proc = Proc(cmd, tmp_path / "train.log", new_session=True)
+    try:
+        _kill_when_step_then(proc, out / "last.pt", 2, 0)  # signal 0: only waits for step 2
+        os.killpg(proc.popen.pid, signal.SIGTERM)
+        rc = proc.popen.wait(timeout=60)
+    finally:
+        proc.stop()
+    log = (tmp_path / "train.log").read_text()
+    assert rc == 128 + signal.SIGTERM, log[-3000:]
+    line = log.strip().splitlines()[-1]
+    assert line.startswith("SIGTERM: stopped after iteration "), log[-3000:]
+    stopped_at = int(line.split("iteration ")[1].split(" ")[0])
+    assert load_checkpoint(out / "last.pt")["step"] == stopped_at >= 2
+    deadline = time.monotonic() + 10
+    while _processes_in_group(proc.popen.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_in_group(proc.popen.pid) == []
+
+
+def _processes_in_group(pgid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # ended meanwhile
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found
 
 
 def test_an_image_that_fails_in_a_worker_ends_the_run_in_one_line(synth, teacher, tmp_path):

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import itertools
 import math
+import multiprocessing
 import os
 import random
 import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -373,12 +375,34 @@ class _SkipSampler(Sampler):
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
     """DataLoader ``worker_init_fn`` for the main process's stop on a signal
-    (``engine/stop_signals.py``). A terminal's Ctrl-C reaches the whole process group: a worker
-    ignores it, so the main process can finish its iteration and save. SIGTERM (the one PyTorch
-    and multiprocessing send to end workers) ends a worker with status 0: ignoring it would hang
-    their shutdown, and dying of it would make PyTorch's SIGCHLD handler abort the main process."""
+    (``engine/stop_signals.py``): a worker survives the stop signals meant for its main process,
+    which finishes its iteration (it may need the worker's batch), saves and shuts it down.
+
+    - SIGINT (a terminal's Ctrl-C reaches the whole process group) is ignored.
+    - SIGTERM from the main process (how PyTorch and multiprocessing end workers) ends the worker
+      with status 0: ignoring it would hang their shutdown, and dying of it would make PyTorch's
+      SIGCHLD handler abort the main process.
+    - SIGTERM from anyone else is ignored: that is a signal to the whole process group (SLURM's
+      scancel and pre-emption, torchrun's agent ending its ranks, ``kill -- -PGID``), which the
+      main process got too. A worker whose main process is gone ends by itself (PyTorch's
+      watchdog) within seconds.
+    Where the sender cannot be told (no ``sigwaitinfo``: macOS), every SIGTERM ends the worker."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_quietly)
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    parent = multiprocessing.parent_process()
+    main_pid = parent.pid if parent is not None else os.getppid()
+    # Blocked here, before the worker starts any thread, SIGTERM stays blocked in every thread
+    # and is only taken by sigwaitinfo, which tells who sent it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_end_on_sigterm_from, args=(main_pid,), daemon=True).start()
+
+
+def _end_on_sigterm_from(main_pid: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == main_pid:
+            os._exit(0)
 
 
 def _exit_quietly(signum: int, frame: object) -> None:
