@@ -557,10 +557,53 @@ def test_distill_corrupt_unlabelled_image(capsys, synth, teacher, tmp_path, work
     fails(capsys, argv, corrupt, "cannot read image")
 
 
-def test_distill_without_burn_in_needs_the_teacher_as_student_init(capsys, synth, teacher, tmp_path):
-    argv = _distill_argv(synth, tmp_path / "run", "--unlabelled", synth[0], "--teacher", teacher,
-                         "--burn-in", "none")
+def test_distill_without_burn_in_starts_the_student_from_the_teacher(capsys, synth, teacher,
+                                                                     tmp_path):
+    import yaml
+
+    run = tmp_path / "run"
+    argv = _distill_argv(synth, run, "--unlabelled", synth[0], "--teacher", teacher,
+                         "--burn-in", "none", "solver.max_iters=1")
+    assert main([str(a) for a in argv]) == 0
+    resolved = yaml.safe_load((run / "config.yaml").read_text())["distill"]
+    assert (resolved["burn_in"], resolved["student_init"]) == ("none", "teacher")
+    # a fresh student without burn-in would replace the trained teacher at step 0
+    argv = _distill_argv(synth, tmp_path / "r2", "--unlabelled", synth[0], "--teacher", teacher,
+                         "--burn-in", "none", "distill.student_init=pretrained")
     fails(capsys, argv, "distill.burn_in=none", "set distill.student_init=teacher")
+
+
+def test_train_init_weights_without_config_starts_from_the_checkpoints_config(capsys, synth,
+                                                                             teacher, tmp_path):
+    """Fine-tuning a 64-px model trains at 64 px with its batch, not at the COCO defaults."""
+    import yaml
+
+    train_json, _, images = synth
+    run = tmp_path / "run"
+    argv = ["train", "--labelled", train_json, "--images", images, "--out", run, "--quiet",
+            "--init-weights", teacher, "solver.max_iters=1"]
+    assert main([str(a) for a in argv]) == 0
+    assert f"train: no --config, starting from the config of {teacher}" in capsys.readouterr().err
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["data"]["image_size"] == 64 and resolved["data"]["batch_size"] == 2
+    assert resolved["model"]["hidden_dim"] == 32 and resolved["solver"]["max_iters"] == 1
+
+
+def test_a_relative_backbone_weights_path_is_stored_resolved(synth, tmp_path, monkeypatch):
+    """The run's config names the file wherever a later run (distill from this teacher) starts."""
+    import timm
+    import yaml
+
+    train_json, _, images = synth
+    monkeypatch.chdir(tmp_path)
+    net = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    torch.save(net.state_dict(), tmp_path / "r18.pth")
+    run = tmp_path / "run"
+    argv = _train_argv(train_json, images, run, "--backbone-weights", "r18.pth",
+                       "model.backbone=resnet18", "solver.max_iters=1", "eval_period=0")
+    assert main([str(a) for a in argv]) == 0
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["model"]["backbone_weights"] == str(tmp_path / "r18.pth")
 
 
 def test_split_skip_invalid_annotations_lists_what_it_drops(capsys, tmp_path):
@@ -772,6 +815,10 @@ def test_distill_without_config_starts_from_the_teacher_runs_config(capsys, synt
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["data"]["image_size"] == 64 and resolved["threads"] == 1
     assert resolved["solver"]["max_iters"] == 2 and resolved["distill"]["unsup_weight"] == 0.5  # demo's
+    recorded = json.loads((run / "run.json").read_text())
+    assert recorded["teacher_checkpoint"] == str(Path(teacher).resolve())
+    assert recorded["unlabelled"] == str(Path(train_json).resolve())
+    assert recorded["unlabelled_root"] == str(Path(images).resolve())
     resume = ["distill", "--labelled", train_json, "--images", images, "--unlabelled", train_json,
               "--out", run, "--quiet", "--resume"]
     with warnings.catch_warnings():

@@ -103,6 +103,12 @@ def test_area_from_json_or_decoded(tmp_path):
     anns = [ann(1, POLYGON), dict(ann(2, COMPRESSED), area=11.5)]
     dataset = load_coco(write_json(tmp_path / "t.json", coco_dict(anns)))
     assert [a.area for a in dataset.images[0].annotations] == [12.0, 11.5]
+    # null, a string or 0 beside a 12-pixel mask: the mask's area, in what split writes too
+    anns = [dict(ann(1, POLYGON), area=None), dict(ann(2, POLYGON), area="12"),
+            dict(ann(3, COMPRESSED), area=0)]
+    dataset = load_coco(write_json(tmp_path / "u.json", coco_dict(anns)))
+    assert [a.area for a in dataset.images[0].annotations] == [12.0, 12.0, 12.0]
+    assert [a["area"] for a in dataset.raw["annotations"]] == [12.0, 12.0, 12.0]
 
 
 def test_require_annotations_false_ignores_annotations(tmp_path):
@@ -228,10 +234,20 @@ def test_drop_invalid_keeps_valid_annotations(tmp_path):
     assert [a["id"] for a in dataset.raw["annotations"]] == [1]
     with pytest.raises(InvalidAnnotationError, match="annotation 2 has an empty mask"):
         load_coco(path)
+    # a box-only annotation is skipped and listed like a bad mask
+    box_only = {k: v for k, v in ann(4, POLYGON).items() if k != "segmentation"}
+    path = write_json(tmp_path / "b.json", coco_dict([ann(1, POLYGON), box_only]))
+    with pytest.warns(UserWarning, match="dropped 1 invalid annotation"):
+        dataset = load_coco(path, drop_invalid=True)
+    assert dataset.dropped == [f"{path}: annotation 4 has no 'segmentation' (masks are needed, "
+                               "not only boxes)"]
     # Structural errors are still raised.
     path = write_json(tmp_path / "u.json", coco_dict([ann(1, POLYGON, image_id=4)]))
     with pytest.raises(GdistillError, match="unknown image_id 4"):
         load_coco(path, drop_invalid=True)
+    path = write_json(tmp_path / "s.json", coco_dict([ann(1, POLYGON, image_id="1")]))
+    with pytest.raises(GdistillError, match="annotation 1 references unknown image_id '1'"):
+        load_coco(path)
 
 
 def test_drop_invalid_removes_only_the_degenerate_parts_of_a_polygon_list(tmp_path):
@@ -250,7 +266,7 @@ def test_drop_invalid_removes_only_the_degenerate_parts_of_a_polygon_list(tmp_pa
         f"{path}: annotation 1: removed 2 of its 3 polygon parts (fewer than 3 points each, "
         "no area), kept the rest"
     ]
-    assert dataset.raw["annotations"] == [{**anns[0], "segmentation": POLYGON}]
+    assert dataset.raw["annotations"] == [{**anns[0], "segmentation": POLYGON, "area": 12.0}]
     mask = decode_annotation_mask(kept, 10, 10, str(path))
     assert np.array_equal(mask, EXPECTED)
     # Without drop_invalid the degenerate part still stops loading.
@@ -337,6 +353,25 @@ def test_exif_orientation_follows_the_annotation_file(tmp_path):
         " but the annotation file says 3x3",
     ):
         read_image(tmp_path / "e.png", (3, 3))
+
+
+def test_polygons_drawn_on_the_displayed_photo_but_sized_as_stored_are_refused(tmp_path):
+    """A phone photo stored 20 high x 30 wide, EXIF 6 (shown 30 high x 20 wide), labelled on
+    the displayed image (polygon down to y=28) while a converter wrote the stored size: read as
+    stored, the mask would be cut at y=20 and lie on other pixels."""
+    _save_with_orientation(tmp_path / "p.jpg", np.zeros((20, 30, 3), np.uint8), 6)
+    image = [{"id": 1, "file_name": "p.jpg", "height": 20, "width": 30}]
+    tall = [[2, 4, 16, 4, 16, 28, 2, 28]]
+    path = write_json(tmp_path / "a.json", coco_dict([ann(1, tall)], images=image))
+    with pytest.raises(GdistillError, match=(
+        r"a.json: .*p.jpg: polygons reach x=16, y=28, past the width 30 and height 20 that the "
+        r"annotation file gives \(the stored size; EXIF orientation 6 turns the photo\) but "
+        r"inside the displayed size: give width 20 and height 30")):
+        check_image_files(load_coco(path), tmp_path)
+    # drawn on the stored pixels: accepted (a pixel or two past the border as well)
+    wide = [[2, 4, 31, 4, 31, 18, 2, 18]]
+    check_image_files(load_coco(write_json(tmp_path / "b.json",
+                                           coco_dict([ann(1, wide)], images=image))), tmp_path)
 
 
 @pytest.mark.parametrize(

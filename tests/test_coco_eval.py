@@ -316,6 +316,15 @@ def test_results_with_file_names_are_matched_by_file_name():
     gt["images"][0]["file_name"] = "train/a.png"
     with pytest.raises(GdistillError, match="result 0 file_name 'a.png' matches several"):
         evaluate_masks(gt, [dict(predicted[0], file_name="a.png", image_id=5)])
+    # an image_id that is one of the candidates decides nothing: predict's own 1..N numbering
+    # would score val/a.png's mask on train/a.png
+    several = r"matches several ground-truth images \('train/a.png', 'val/a.png'\)"
+    with pytest.raises(GdistillError, match=several):
+        evaluate_masks(gt, [dict(predicted[1], file_name="a.png", image_id=1)])
+    # the ground truth's full file_name is not ambiguous
+    exact = [dict(predicted[0], file_name="train/a.png", image_id=2),
+             dict(predicted[1], file_name="val/a.png", image_id=1)]
+    assert evaluate_masks(gt, exact)["AP"] == pytest.approx(100.0)
 
 
 def test_files_with_a_byte_order_mark_are_read(tmp_path):
@@ -336,3 +345,15 @@ def test_ground_truth_file_with_a_malformed_compressed_rle_is_rejected(tmp_path)
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     with pytest.raises(GdistillError, match="annotation 1 has a compressed RLE string that is malformed"):
         evaluate_masks(tmp_path / "gt.json", [result(1, 3, mask, 0.9)])
+
+
+@pytest.mark.parametrize("area", [None, "1600", 0, float("nan")])
+def test_an_area_that_is_not_a_positive_number_is_taken_from_the_mask(area):
+    """COCO's size buckets read `area`: a 40×40 object (1600 px, medium) whose area is null, a
+    string or 0 is scored as medium, not small, and does not crash the evaluation."""
+    mask = square(64, 10, 10, 40)
+    gt = make_gt({1: (64, 64)}, [(1, 3, mask)])
+    gt["annotations"][0]["area"] = area
+    metrics = evaluate_masks(gt, [result(1, 3, mask, 0.9)])
+    assert metrics["APm"] == pytest.approx(100.0)
+    assert metrics["APs"] is None

@@ -87,6 +87,9 @@ def test_keep_freed_memory_on_glibc_unless_the_user_set_malloc(monkeypatch):
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
     monkeypatch.setenv("GDISTILL_SYSTEM_MALLOC", "1")
     assert keep_freed_memory() is False
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        monkeypatch.setenv("GDISTILL_SYSTEM_MALLOC", "0")  # a switch, not "set at all"
+        assert keep_freed_memory() is True
 
 
 def test_metrics_log_adds_columns_and_truncates_on_resume(tmp_path):

@@ -399,18 +399,32 @@ def test_onnx_export_matches_pytorch(checkpoint, tmp_path, capsys):
     np.testing.assert_allclose(logits, ref_logits, atol=1e-3, rtol=1e-3)
     np.testing.assert_allclose(masks, ref_masks, atol=1e-3, rtol=1e-3)
 
-    # The documented post-processing: fit, run, instances at the original size.
+    # The documented post-processing: fit, run, instances at the original size, as predict.
+    info = json.loads((tmp_path / "model.onnx.json").read_text())
+    predictor = load_model(checkpoint, device="cpu")
+    assert (info["height"], info["width"], info["short_side"], info["max_side"]) == (64, 96, 64, 96)
+    assert info["detections_per_image"] == predictor.cfg.model.detections_per_image
+    assert (info["class_names"], info["category_ids"]) == (predictor.class_names,
+                                                           predictor.category_ids)
     image = np.random.default_rng(0).integers(0, 256, (50, 120, 3), dtype=np.uint8)
-    x, size = fit_to_input(image, 64, 96)
+    x, size = fit_to_input(image, info["height"], info["width"], info["short_side"],
+                           info["max_side"])
     assert x.shape == (1, 3, 64, 96) and size == (40, 96)
     assert torch.all(x[..., 40:, :] == 0)
     logits, masks = session.run(None, {"images": x.numpy()})
-    instances = outputs_to_instances(logits, masks, size, (50, 120))
-    assert instances.masks.shape == (NUM_QUERIES * 6, 50, 120)
+    instances = outputs_to_instances(logits, masks, size, (50, 120), info["detections_per_image"])
+    [expected] = predictor.predict(image)
+    assert instances.masks.shape == expected.masks.shape
+    np.testing.assert_allclose(instances.scores.numpy(), expected.scores.numpy(), atol=1e-4)
+    assert (instances.masks != expected.masks).float().mean() < 1e-3
+    with pytest.raises(GdistillError, match=r"outputs of one image.*got \(2, 8, 7\)"):
+        outputs_to_instances(np.concatenate([logits] * 2), np.concatenate([masks] * 2), size,
+                             (50, 120))
 
 
 def test_torchscript_export_matches_pytorch(checkpoint, tmp_path):
-    path, height, width = export_model(checkpoint, tmp_path / "model.pt", "torchscript", height=64, width=64)
+    path, height, width, _ = export_model(checkpoint, tmp_path / "model.pt", "torchscript", height=64,
+                                          width=64)
     assert (height, width) == (64, 64)
     x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     with warnings.catch_warnings():
@@ -541,6 +555,10 @@ def test_readme_onnx_snippet_runs(checkpoint, mixed_images, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "onnxruntime", types.SimpleNamespace(InferenceSession=Session))
     monkeypatch.chdir(root)
+    # the real model.onnx.json (traced to TorchScript under that name: no onnx package needed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_model(checkpoint, root / "model.onnx", "torchscript")
     namespace: dict = {}
     exec(code.replace('"street.jpg"', '"a.png"'), namespace)
     assert namespace["instances"].masks.shape[-2:] == sizes["a.png"]
@@ -564,3 +582,23 @@ def test_predict_pads_batches_to_the_configured_multiple(checkpoint, monkeypatch
     (result,) = predictor.predict(np.zeros((40, 56, 3), np.uint8))
     assert shapes and all(h % divisor == 0 and w % divisor == 0 for h, w in shapes)
     assert result.masks.shape[1:] == (40, 56)
+
+
+def test_report_takes_the_image_root_of_an_unlabelled_json_from_the_run(checkpoint, synth,
+                                                                        tmp_path, capsys):
+    """As distill does: without --unlabelled-images, a JSON source's images are looked for under
+    the run's own image root; a run that recorded none stops before drawing anything."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(checkpoint.read_bytes())
+    (run / "run.json").write_text(json.dumps({"stage": "teacher"}))
+    argv = ["report", str(run), "--unlabelled", str(synth / "train.json"), "--device", "cpu"]
+    assert main(argv) == 2
+    assert (f"error: {synth / 'train.json'}: a COCO JSON unlabelled source needs "
+            "--unlabelled-images") in capsys.readouterr().err
+    assert not (run / "report").exists()
+    (run / "run.json").write_text(json.dumps({"stage": "teacher", "images": str(synth / "images"),
+                                              "unlabelled": str(synth / "train.json")}))
+    assert main(argv) == 0
+    assert (run / "report" / "pseudo_label_views.png").is_file()
+    assert f"| unlabelled source | `{synth / 'train.json'}` |" in (run / "report" / "summary.md").read_text()

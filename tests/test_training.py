@@ -281,3 +281,34 @@ def test_tensorboard_scalars_when_installed(tiny_data, tmp_path):
     tags = events.Tags()["scalars"]
     assert "train/loss" in tags and "eval/student_AP" in tags
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+
+
+@pytest.mark.parametrize("error", [GdistillError("v.jpg: corrupt or truncated image"),
+                                   RuntimeError("out of memory")])
+def test_a_failed_evaluation_keeps_the_iterations_before_it(tiny_data, tmp_path, monkeypatch,
+                                                            capsys, error):
+    """A validation image that only fails when decoded (a JPEG cut short after its header) stops
+    the run at its first evaluation: the iterations trained until then are saved in last.pt and
+    --resume continues from them."""
+    import gdistill.engine.trainer as trainer
+
+    real = trainer.evaluate_model
+
+    def failing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(trainer, "evaluate_model", failing)
+    cfg = load_config("demo", [*TINY, "solver.max_iters=4", "eval_period=2", "checkpoint_period=0"])
+    with pytest.raises(type(error)) as caught:
+        train(cfg, tmp_path / "r", tiny_data, progress=False)
+    where = (f"evaluation at iteration 2 failed; {tmp_path / 'r' / 'last.pt'} saved, the same "
+             "command with --resume continues from it")
+    if isinstance(error, GdistillError):
+        assert str(caught.value) == f"v.jpg: corrupt or truncated image ({where})"
+    else:
+        assert caught.value is error and where in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "r" / "last.pt")["step"] == 2
+    monkeypatch.setattr(trainer, "evaluate_model", real)
+    train(cfg, tmp_path / "r", tiny_data, resume=True, progress=False)
+    assert load_checkpoint(tmp_path / "r" / "last.pt")["step"] == 4
+    assert [row.split(",")[0] for row in (tmp_path / "r" / "eval.csv").read_text().splitlines()][1:] == ["4"]

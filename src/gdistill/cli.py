@@ -170,7 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, type=Path, help="an image, or a folder (searched recursively)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--model", choices=MODEL_CHOICES, default="student")
-    p.add_argument("--score-threshold", type=float, default=0.5, help="keep instances scoring at least this")
+    p.add_argument(
+        "--score-threshold", type=float, default=0.5,
+        help="keep instances scoring at least this (default 0.5; 0 for a results file to score "
+        "with COCO AP, which reads the whole ranking)",
+    )
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace the predictions already in --out")
@@ -277,19 +281,33 @@ def _config_from_args(args: argparse.Namespace):
     elif args.resume and (args.out / "config.yaml").is_file():
         # What the trainer resumes with anyway: only values given now differ from it.
         cfg = load_config(args.out / "config.yaml")
-    elif args.command == "distill" and args.teacher is not None:
-        cfg = config_from_dict(_checkpoint_config(args.teacher), str(args.teacher))
-        # A moving average of stage A is for `train`; stage B's teacher is its own EMA.
-        cfg.solver.ema_decay, cfg.solver.ema_start = 0.0, Config().solver.ema_start
+    elif (checkpoint := getattr(args, "teacher", None) or getattr(args, "init_weights", None)):
+        # The run that made the weights had their image size, batch and schedule: the COCO
+        # defaults around a small model would be another experiment (and may not fit in memory).
+        cfg = config_from_dict(_checkpoint_config(checkpoint), str(checkpoint))
+        if args.command == "distill":
+            # A moving average of stage A is for `train`; stage B's teacher is its own EMA.
+            cfg.solver.ema_decay, cfg.solver.ema_start = 0.0, Config().solver.ema_start
         if os.environ.get("RANK", "0") == "0":  # once under torchrun (not yet initialised here)
-            print(f"distill: no --config, starting from the config of {args.teacher}", file=sys.stderr)
+            print(f"{args.command}: no --config, starting from the config of {checkpoint}",
+                  file=sys.stderr)
     else:
         cfg = Config()
     apply_overrides(cfg, args.overrides)
     if args.backbone_weights:
         cfg.model.backbone_weights = args.backbone_weights
+    weights = cfg.model.backbone_weights
+    if weights and not weights.startswith("packaged:"):
+        # Stored in the run's config: later runs (distill from its teacher) start elsewhere.
+        cfg.model.backbone_weights = str(Path(weights).expanduser().resolve())
     if getattr(args, "burn_in", None):
         apply_overrides(cfg, [f"distill.burn_in={args.burn_in}"])
+        if args.burn_in == "none" and not any(
+            a.startswith("distill.student_init=") for a in args.overrides
+        ):
+            # Without burn-in the teacher is a copy of the student from step 0: it must start
+            # as the trained teacher, not as a pretrained backbone with fresh heads.
+            cfg.distill.student_init = "teacher"
     validate_config(cfg)
     return cfg
 
@@ -345,15 +363,19 @@ def _training_data(args: argparse.Namespace, with_unlabelled: bool):
     val = _load_annotations(args.val, args.skip_invalid_annotations) if args.val else None
     if val is not None and val.class_names != labelled.class_names:
         raise GdistillError(f"{args.val}: classes differ from {args.labelled}")
-    unlabelled = None
+    unlabelled = source = root = None
     if with_unlabelled:
-        unlabelled = open_unlabelled(args.unlabelled, args.unlabelled_images or args.images)
+        source, root = args.unlabelled, args.unlabelled_images or args.images
+        unlabelled = open_unlabelled(source, root)
+        root = None if Path(source).is_dir() else root
     return TrainingData(
         labelled=labelled,
         images_dir=args.images,
         val=val,
         val_images_dir=args.val_images or args.images,
         unlabelled=unlabelled,
+        unlabelled_source=source,
+        unlabelled_root=root,
     )
 
 
@@ -522,7 +544,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from gdistill.export import export_model
 
-    path, height, width = export_model(
+    path, height, width, info = export_model(
         args.weights, args.out, args.format, args.model, args.height, args.width, args.opset
     )
     print(
@@ -530,6 +552,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         f"→ pred_logits [B, Q, K+1], pred_masks [B, Q, {height // 4}, {width // 4}] "
         "(post-process with gdistill.export.outputs_to_instances)"
     )
+    print(f"wrote {info} (input size, resize, detections per image, class names)")
 
 
 COMMANDS = {

@@ -170,6 +170,8 @@ def run_demo(
             val=val_set,
             val_images_dir=images_dir,
             unlabelled=unlabelled_from_coco(unlabelled_json, images_dir),
+            unlabelled_source=unlabelled_json,
+            unlabelled_root=images_dir,
         )
         _say(progress, f"[demo] seed {seed}: teacher on {len(labelled['images'])} labelled images")
         teacher_dir = seed_dir / "teacher"

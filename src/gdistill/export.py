@@ -6,13 +6,18 @@ The exported graph maps images to the model's raw outputs::
     pred_logits  float32 [B, Q, K+1]                   class logits, index K = no object
     pred_masks   float32 [B, Q, H/4, W/4]              mask logits at stride 4
 
-Normalisation (ImageNet mean / std) is inside the graph. Instance post-processing (top-k
-(query, class) pairs, mask upsampling, scores) stays in Python: resize and pad an image with
-:func:`fit_to_input`, run the exported model, then call :func:`outputs_to_instances`::
+Normalisation (the model's ``model.pixel_mean`` / ``pixel_std``) is inside the graph. Beside
+the graph, ``<file>.json`` holds what the rest needs: the input size, ``predict``'s resize
+(``short_side``, ``max_side``) and number of detections, the class names and category ids.
+Instance post-processing (top-k (query, class) pairs, mask upsampling, scores) stays in Python:
+resize and pad an image with :func:`fit_to_input`, run the exported model, then call
+:func:`outputs_to_instances`::
 
-    x, size = fit_to_input(image, 160, 160)                    # image: uint8 [H, W, 3]
+    info = json.loads(Path("model.onnx.json").read_text())
+    x, size = fit_to_input(image, info["height"], info["width"], info["short_side"], info["max_side"])
     logits, masks = session.run(None, {"images": x.numpy()})   # onnxruntime
-    instances = outputs_to_instances(logits, masks, size, image.shape[:2])
+    instances = outputs_to_instances(logits, masks, size, image.shape[:2],
+                                     info["detections_per_image"])
 
 The input size defaults to the model's evaluation size (:func:`default_input_size`).
 """
@@ -20,6 +25,7 @@ The input size defaults to the model's evaluation size (:func:`default_input_siz
 from __future__ import annotations
 
 import importlib.util
+import json
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -28,8 +34,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2.functional import resize
 
 from gdistill.config import Config
+from gdistill.data.augment import eval_size
 from gdistill.errors import GdistillError
 from gdistill.model.mask2former import Instances, instances_from_outputs, sorted_by_score
 
@@ -83,6 +92,7 @@ class ExportedModel(NamedTuple):
     path: Path
     height: int
     width: int
+    info: Path  # <path>.json: input size, predict's resize and top-k, class names and ids
 
 
 def default_input_size(cfg: Config) -> tuple[int, int]:
@@ -139,28 +149,59 @@ def export_model(
             _export_onnx(module, example, out, opset)
         else:
             torch.jit.trace(module, (example,), check_trace=False).save(str(out))
-    return ExportedModel(out, height, width)
+    cfg = predictor.cfg
+    info = {
+        "format": fmt, "weights": str(Path(weights).resolve()), "model": model,
+        "height": height, "width": width,
+        "short_side": cfg.data.test_short_side, "max_side": cfg.data.test_max_side,
+        "detections_per_image": cfg.model.detections_per_image,
+        "class_names": predictor.class_names, "category_ids": predictor.category_ids,
+    }
+    info_path = out.with_name(out.name + ".json")
+    info_path.write_text(json.dumps(info, indent=1) + "\n")
+    return ExportedModel(out, height, width, info_path)
 
 
-def fit_to_input(image, height: int, width: int) -> tuple[Tensor, tuple[int, int]]:
-    """Resize an image to fit inside ``height`` × ``width`` (aspect kept) and pad it bottom /
-    right with zeros.
+def fit_to_input(
+    image,
+    height: int,
+    width: int,
+    short_side: int | None = None,
+    max_side: int | None = None,
+) -> tuple[Tensor, tuple[int, int]]:
+    """Resize an image as ``predict`` does and pad it bottom / right with zeros to the export size.
+
+    With ``short_side`` and ``max_side`` (the model's ``data.test_short_side`` and
+    ``data.test_max_side``, in the ``.json`` that ``export_model`` writes beside the graph) the
+    image gets ``predict``'s size (shortened further, aspect kept, if that exceeds the export
+    size); without them it fills ``height`` × ``width``. Either way the pixels are resized as
+    ``predict`` resizes them (bilinear, antialiased, in uint8).
 
     Args:
-        image: uint8 [H, W, 3] array or uint8 [3, H, W] tensor.
+        image: what ``Predictor.predict`` takes for one image: a path, a PIL image, a uint8 array
+            [H, W] or [H, W, 1|3|4], a uint8 tensor [H, W] or [1|3|4, H, W].
     Returns:
         (float32 [1, 3, height, width] in [0, 1], (h, w) of the image inside the padding).
     """
-    if isinstance(image, np.ndarray):
-        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"expected an image [H, W, 3] or [3, H, W], got {tuple(image.shape)}")
+    from gdistill.inference import image_to_tensor
+
+    image = image_to_tensor(image, "fit_to_input")
     h0, w0 = image.shape[-2:]
-    scale = min(height / h0, width / w0)
-    h, w = max(1, min(height, round(h0 * scale))), max(1, min(width, round(w0 * scale)))
-    x = image[None].float()
-    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=scale < 1)
-    x = x.round().clamp(0, 255) / 255.0
+    if min(h0, w0) == 0:
+        raise GdistillError(f"fit_to_input: the image is empty ({h0}x{w0} pixels)")
+    if (short_side is None) != (max_side is None):
+        raise GdistillError("fit_to_input: give both short_side and max_side, or neither")
+    if short_side is not None:
+        h, w = eval_size(h0, w0, short_side, max_side)
+    else:
+        h, w = h0 * min(height / h0, width / w0), w0 * min(height / h0, width / w0)
+    if h > height or w > width:
+        scale = min(height / h, width / w)
+        h, w = h * scale, w * scale
+    h, w = max(1, min(height, int(h + 0.5))), max(1, min(width, int(w + 0.5)))
+    if (h, w) != (h0, w0):
+        image = resize(image, [h, w], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    x = image[None].float() / 255.0
     return F.pad(x, (0, width - w, 0, height - h)), (h, w)
 
 
@@ -174,11 +215,18 @@ def outputs_to_instances(
     """Raw outputs of one image ([1, Q, K+1], [1, Q, H/4, W/4], arrays or tensors) → instances
     at ``orig_size`` (scores [N], labels [N], masks bool [N, H, W]), sorted by score as
     :meth:`gdistill.inference.Predictor.predict` returns them; ``image_size`` is the (h, w)
-    returned by :func:`fit_to_input`."""
+    returned by :func:`fit_to_input`; ``top_k`` (query, class) pairs are kept, ``predict`` keeps
+    the model's ``detections_per_image`` (in the ``.json`` beside the graph)."""
     logits, masks = (
         x.detach().cpu() if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
         for x in (pred_logits, pred_masks)
     )
+    if logits.ndim != 3 or masks.ndim != 4 or logits.shape[0] != 1 or masks.shape[0] != 1:
+        raise GdistillError(
+            "outputs_to_instances: expected the outputs of one image, pred_logits [1, Q, K+1] and "
+            f"pred_masks [1, Q, H/4, W/4], got {tuple(logits.shape)} and {tuple(masks.shape)}; "
+            "call it once per image (pred_logits[i:i+1], pred_masks[i:i+1])"
+        )
     return sorted_by_score(
         instances_from_outputs(logits, masks, [tuple(image_size)], [tuple(orig_size)], top_k)[0]
     )

@@ -32,7 +32,7 @@ from gdistill.model.mask2former import Instances, Mask2Former, build_model, sort
 ImageLike = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 _SINGLE_IMAGE = (str, os.PathLike, Image.Image, np.ndarray, torch.Tensor)
 _NOT_UINT8 = (
-    "predict: image {index}: pixels must be uint8 (0-255), got {dtype}; "
+    "{where}: pixels must be uint8 (0-255), got {dtype}; "
     "scale float images to 0-255 and convert them to uint8 first"
 )
 
@@ -80,7 +80,7 @@ class Predictor:
             raise GdistillError(f"predict: batch_size must be a positive integer, got {batch_size!r}")
         samples = []
         for index, image in enumerate(_as_image_list(images)):
-            tensor = _to_tensor(image, index)
+            tensor = image_to_tensor(image, f"predict: image {index}")
             orig = tuple(tensor.shape[-2:])
             if min(orig) == 0:
                 raise GdistillError(f"predict: image {index} is empty ({orig[0]}x{orig[1]} pixels)")
@@ -112,8 +112,8 @@ def _as_image_list(images: ImageLike | Sequence[ImageLike] | Iterator[ImageLike]
     raise GdistillError(f"predict: expected an image or a list of images, got {type(images).__name__}")
 
 
-def _to_tensor(image: ImageLike, index: int) -> torch.Tensor:
-    """One image (see ``Predictor.predict``) → uint8 [3, H, W]."""
+def image_to_tensor(image: ImageLike, where: str = "image") -> torch.Tensor:
+    """One image (see ``Predictor.predict``) → uint8 [3, H, W]; errors start with ``where``."""
     if isinstance(image, (str, os.PathLike)):
         return torch.from_numpy(read_image(Path(image))).permute(2, 0, 1)
     if isinstance(image, Image.Image):
@@ -121,25 +121,25 @@ def _to_tensor(image: ImageLike, index: int) -> torch.Tensor:
         return torch.from_numpy(np.array(to_uint8(as_displayed(image)))).permute(2, 0, 1)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
-            raise GdistillError(_NOT_UINT8.format(index=index, dtype=image.dtype))
+            raise GdistillError(_NOT_UINT8.format(where=where, dtype=image.dtype))
         if image.ndim == 2:
             image = image[:, :, None]
         if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
             raise GdistillError(
-                f"predict: image {index}: expected an array [H, W] or [H, W, 1|3|4], got {image.shape}"
+                f"{where}: expected an array [H, W] or [H, W, 1|3|4], got {image.shape}"
             )
         return _rgb(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
     if isinstance(image, torch.Tensor):
         if image.dtype != torch.uint8:
-            raise GdistillError(_NOT_UINT8.format(index=index, dtype=image.dtype))
+            raise GdistillError(_NOT_UINT8.format(where=where, dtype=image.dtype))
         if image.ndim == 2:
             image = image[None]
         if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
             raise GdistillError(
-                f"predict: image {index}: expected a tensor [H, W] or [1|3|4, H, W], got {tuple(image.shape)}"
+                f"{where}: expected a tensor [H, W] or [1|3|4, H, W], got {tuple(image.shape)}"
             )
         return _rgb(image)
-    raise GdistillError(f"predict: image {index}: unsupported image type {type(image).__name__}")
+    raise GdistillError(f"{where}: unsupported image type {type(image).__name__}")
 
 
 def _rgb(image: torch.Tensor) -> torch.Tensor:

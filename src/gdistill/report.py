@@ -177,6 +177,8 @@ def _summary(
     ):
         if info.get(key):
             rows.append((label, str(info[key])))
+    if info.get("unlabelled"):
+        rows.append(("unlabelled source", f"`{info['unlabelled']}`"))
     if info.get("teacher_checkpoint"):
         rows.append(("teacher checkpoint", f"`{info['teacher_checkpoint']}`"))
     best = _best(evals, "student_AP")
@@ -254,8 +256,15 @@ def write_report(
             + hint
         )
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
     info = read_run_info(run_dir)
+    if unlabelled and not unlabelled_images and Path(unlabelled).suffix.lower() == ".json":
+        # as distill: the image root of a JSON source defaults to the run's own
+        unlabelled_images = _recorded_path(info.get("unlabelled_root"), run_dir) or _recorded_path(
+            info.get("images"), run_dir
+        )
+        if not unlabelled_images:
+            raise GdistillError(f"{unlabelled}: a COCO JSON unlabelled source needs --unlabelled-images")
+    out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
     pictures = plot_training_curves(run_dir, out)
     notes: list[str] = []

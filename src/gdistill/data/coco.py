@@ -282,20 +282,18 @@ def _parse_annotations(
         seen.add(ann_id)
         image = images.get(ann.get("image_id")) if _is_int(ann.get("image_id")) else None
         if image is None:
-            raise GdistillError(f"{where} references unknown image_id {ann.get('image_id')}")
+            raise GdistillError(f"{where} references unknown image_id {ann.get('image_id')!r}")
         if not _is_int(ann.get("category_id")) or ann["category_id"] not in category_ids:
             raise GdistillError(
                 f"{where} references unknown category_id {ann.get('category_id')!r} "
                 f"({_listing(sorted(category_ids), 'no categories')})"
             )
-        if "segmentation" not in ann:
-            raise GdistillError(f"{where} has no 'segmentation' (masks are needed, not only boxes)")
         iscrowd = ann.get("iscrowd", 0)
         if iscrowd not in (0, 1):
             raise GdistillError(f"{where} has iscrowd={iscrowd!r}, expected 0 or 1")
         area = ann.get("area")
-        segmentation = ann["segmentation"]
-        if drop_invalid:
+        segmentation = ann.get("segmentation")
+        if drop_invalid and segmentation is not None:
             segmentation = _without_degenerate_parts(segmentation)
             if segmentation is not ann["segmentation"]:
                 removed = len(ann["segmentation"]) - len(segmentation)
@@ -305,13 +303,19 @@ def _parse_annotations(
                 )
                 ann["segmentation"] = segmentation
         try:
+            if "segmentation" not in ann:
+                raise GdistillError(
+                    f"{where} has no 'segmentation' (masks are needed, not only boxes)"
+                )
             if check_masks:
                 rle = _to_rle(segmentation, image.height, image.width, where)
                 decoded_area = float(mask_utils.area(rle))
                 if decoded_area == 0:
                     raise GdistillError(f"{where} has an empty mask (decoded area 0)")
-                if not _is_number(area):
-                    area = decoded_area
+                if not _is_number(area) or area <= 0:
+                    # COCO's size buckets read it: null, a string or 0 beside a real mask
+                    # would put the object in the wrong bucket or break the evaluation.
+                    area = ann["area"] = decoded_area
         except GdistillError as e:
             if not drop_invalid:
                 raise InvalidAnnotationError(str(e)) from None
@@ -557,6 +561,8 @@ def check_image_files(dataset: CocoDataset, images_dir: Path) -> None:
         orientation = check_image_header(images_dir / img.file_name, size)
         if orientation != 1 and displayed_size(size, orientation) == size:
             undecided.append((img.file_name, orientation))
+        elif orientation in (5, 6, 7, 8):
+            _check_polygons_fit(img, orientation, f"{dataset.path}: {images_dir / img.file_name}")
     if undecided:
         more = f" and {len(undecided) - 1} more" if len(undecided) > 1 else ""
         warnings.warn(
@@ -565,6 +571,29 @@ def check_image_files(dataset: CocoDataset, images_dir: Path) -> None:
             " masks refer to: read turned as displayed, as labelling tools show images; if the"
             " masks were drawn on the stored pixels, save the images without the orientation tag",
             stacklevel=2,
+        )
+
+
+def _check_polygons_fit(img: CocoImage, orientation: int, where: str) -> None:
+    """A photo turned by 90 degrees (EXIF 5-8) whose annotation file gives its size as stored,
+    but whose polygons run past that size and fit the displayed one, was labelled on the
+    displayed image and sized by a tool reading the stored one: its masks would be cut and land
+    on other pixels."""
+    parts = [part for a in img.annotations if isinstance(a.segmentation, list)
+             for part in a.segmentation if isinstance(part, list) and all(map(_is_number, part))]
+    xs = [v for part in parts for v in part[0::2]]
+    ys = [v for part in parts for v in part[1::2]]
+    if not xs:
+        return
+    reach_x, reach_y = max(xs), max(ys)
+    slack = 2  # COCO polygons may run a pixel or two past the border
+    past = reach_x > img.width + slack or reach_y > img.height + slack
+    if past and reach_x <= img.height + slack and reach_y <= img.width + slack:
+        raise GdistillError(
+            f"{where}: polygons reach x={reach_x:g}, y={reach_y:g}, past the width {img.width} "
+            f"and height {img.height} that the annotation file gives (the stored size; EXIF "
+            f"orientation {orientation} turns the photo) but inside the displayed size: give "
+            f"width {img.height} and height {img.width}"
         )
 
 

@@ -22,7 +22,7 @@ _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD = 32 * 1024 * 1024
 _TRIM_THRESHOLD = 1024 * 1024 * 1024
 
-_ENV_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GDISTILL_SYSTEM_MALLOC")
+_MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
 def keep_freed_memory() -> bool:
@@ -31,9 +31,12 @@ def keep_freed_memory() -> bool:
 
     Does nothing (returns False) on a C library without ``mallopt`` (macOS, musl, Windows), or
     when the user set ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` (their values win)
-    or ``GDISTILL_SYSTEM_MALLOC`` (any value: leave malloc as it is). Returns True when applied.
+    or ``GDISTILL_SYSTEM_MALLOC=1`` (leave malloc as it is; ``0`` or empty: tune it). Returns
+    True when applied.
     """
-    if any(v in os.environ for v in _ENV_VARS):
+    if any(v in os.environ for v in _MALLOC_VARS):
+        return False
+    if os.environ.get("GDISTILL_SYSTEM_MALLOC", "0").strip().lower() not in ("", "0", "false", "no"):
         return False
     name = ctypes.util.find_library("c")
     if not name:

@@ -46,8 +46,9 @@ class StopOnSignal:
                 raise KeyboardInterrupt
             raise SystemExit(128 + signum)
         self.signum = signum
+        again = "Ctrl-C again" if signum == signal.SIGINT else "a second SIGTERM"
         tqdm.write(
             f"{signal.Signals(signum).name}: stopping after this iteration with a checkpoint "
-            "(Ctrl-C again to stop at once)",
+            f"({again} to stop at once)",
             file=sys.stderr,
         )

@@ -95,6 +95,12 @@ class TrainingData:
     val: CocoDataset | None = None
     val_images_dir: Path | None = None
     unlabelled: list[UnlabelledImage] | None = None
+    unlabelled_source: Path | None = None  # the JSON or folder `unlabelled` came from
+    unlabelled_root: Path | None = None  # image root of a JSON source
+
+
+def _resolved(path: str | Path | None) -> str | None:
+    return str(Path(path).resolve()) if path else None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -467,13 +473,15 @@ def _train(
             cfg,
             {
                 "stage": stage,
-                "teacher_checkpoint": str(teacher_checkpoint) if teacher_checkpoint else None,
-                "init_weights": str(init_weights) if init_weights else None,
+                "teacher_checkpoint": _resolved(teacher_checkpoint),
+                "init_weights": _resolved(init_weights),
                 "labelled": str(Path(data.labelled.path).resolve()),
                 "images": str(Path(data.images_dir).resolve()),
                 "labelled_images": len(data.labelled.images),
                 "labelled_images_trained": len(labelled.images),
                 "unlabelled_images": len(data.unlabelled or []),
+                "unlabelled": _resolved(data.unlabelled_source),
+                "unlabelled_root": _resolved(data.unlabelled_root),
                 "val": str(Path(data.val.path).resolve()) if data.val else None,
                 "val_images": str(Path(data.val_images_dir).resolve()) if data.val else None,
                 "classes": class_names,
@@ -799,7 +807,22 @@ def _train(
 
         # ---- evaluation, checkpoints
         if (cfg.eval_period > 0 and done % cfg.eval_period == 0) or done == max_iters:
-            last_eval = evaluate(done)
+            try:
+                last_eval = evaluate(done)
+            except Exception as err:
+                # Bad validation data shows up here, eval_period iterations in: keep those
+                # iterations. Only in one process, where no other rank waits in a collective.
+                if world > 1:
+                    raise
+                rotate_and_save(checkpoint_payload(done, with_optimizer=True), out_dir)
+                where = (
+                    f"evaluation at iteration {done} failed; {out_dir / 'last.pt'} saved, the same "
+                    "command with --resume continues from it"
+                )
+                if isinstance(err, GdistillError):
+                    raise GdistillError(f"{err} ({where})") from err
+                print(f"gdistill: {where}", file=sys.stderr)
+                raise
             ap = last_eval.get("student_AP")
             ap = -1.0 if ap is None else ap
             if val_loader is not None and ap > best_ap:

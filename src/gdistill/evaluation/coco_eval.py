@@ -291,7 +291,8 @@ def _load_ground_truth(ground_truth: str | Path | dict) -> tuple[dict, str]:
                     f"cover its {img['height']}x{img['width']} image"
                 )
         ann = dict(ann, id=index + 1, iscrowd=int(ann.get("iscrowd", 0)))
-        if "area" not in ann:
+        area = ann.get("area")
+        if isinstance(area, bool) or not isinstance(area, (int, float)) or not area > 0:
             img = images[ann["image_id"]]
             rle = _segmentation_to_rle(ann["segmentation"], img["height"], img["width"])
             ann["area"] = float(mask_util.area(rle))
@@ -383,7 +384,7 @@ def _match_file_names(results: list[dict], images: dict[int, dict], source: str)
     found = []
     for r in results:
         name = r["file_name"].replace("\\", "/")
-        ids = by_suffix.get(name)
+        ids = by_name.get(name) if len(by_name.get(name, ())) == 1 else by_suffix.get(name)
         if ids is None:
             parts = name.split("/")
             ids = next((by_name[s] for k in range(1, len(parts))
@@ -398,15 +399,15 @@ def _match_file_names(results: list[dict], images: dict[int, dict], source: str)
                 f"{source}: result {i} file_name {r['file_name']!r} is not among the "
                 f"ground-truth images' file names"
             )
-        if r["image_id"] in ids:
-            matched.append(r)
-        elif len(ids) == 1:
-            matched.append(dict(r, image_id=ids[0]))
-        else:
+        if len(ids) > 1:
+            # Its image_id cannot decide: gdistill predict numbers the images it read 1..N.
+            names = ", ".join(sorted(repr(images[j].get("file_name")) for j in ids)[:3])
             raise GdistillError(
                 f"{source}: result {i} file_name {r['file_name']!r} matches several ground-truth "
-                f"images, none with its image_id {r['image_id']}"
+                f"images ({names}{', ...' if len(ids) > 3 else ''}); predict from the ground "
+                "truth's image root so that the names are its file_names"
             )
+        matched.append(dict(r, image_id=ids[0]))
     return matched
 
 
