@@ -158,6 +158,27 @@ def test_unlabelled_dataset(coco, tmp_path):
     assert torch.equal(sample["strong"], again["strong"])
 
 
+def test_an_unlabelled_image_that_cannot_be_decoded_gives_way_to_the_next(coco, tmp_path):
+    """A JPEG cut short after its header passes the start-up check; when drawn, the next image
+    is used in its place, with a warning naming the file, and the run goes on."""
+    dataset, images_dir = coco
+    noise = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "cut.jpg")
+    data = (tmp_path / "cut.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    images = [UnlabelledImage("cut.jpg", tmp_path / "cut.jpg", None)] + [
+        UnlabelledImage(im.file_name, images_dir / im.file_name, None) for im in dataset.images
+    ]
+    ds = UnlabelledDataset(images, UnlabelledAugment(32), seed=0)
+    with pytest.warns(UserWarning, match=r"cut.jpg: corrupt or truncated image .*: skipped, the "
+                                         "next unlabelled image used instead"):
+        sample = ds[(0, 0)]
+    assert sample["key"] == images[1].key and sample["weak"].shape == (3, 32, 32)
+    only_broken = UnlabelledDataset(images[:1], UnlabelledAugment(32), seed=0)
+    with pytest.warns(UserWarning), pytest.raises(GdistillError, match="none of the 1 unlabelled"):
+        only_broken[(0, 0)]
+
+
 def test_eval_dataset_coco_and_folder(coco):
     dataset, images_dir = coco
     ds = EvalDataset(dataset, images_dir, short_side=48, max_side=64)

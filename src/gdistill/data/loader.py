@@ -25,6 +25,7 @@ import os
 import random
 import signal
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from gdistill.data.augment import LabelledAugment, UnlabelledAugment, resize_for_eval
 from gdistill.data.coco import CocoDataset, load_targets, read_image
 from gdistill.data.sources import UnlabelledImage
-from gdistill.errors import GdistillError
+from gdistill.errors import GdistillError, UnreadableImageError
 
 SampleKey = int | tuple[int, int]  # (index, draw); a plain int means (index, 0)
 
@@ -119,8 +120,18 @@ class UnlabelledDataset(Dataset):
 
     def __getitem__(self, key: SampleKey) -> dict[str, Any]:
         index, draw = _split_key(key)
-        record = self.images[index]
-        image = read_image(record.path)
+        # An image that passed the start-up header check but cannot be decoded (a file cut
+        # short, as large scraped folders hold) gives way to the next readable one, with a
+        # warning, instead of ending a run of 10^5 iterations at a random one.
+        for offset in range(len(self.images)):
+            record = self.images[(index + offset) % len(self.images)]
+            try:
+                image = read_image(record.path)
+                break
+            except UnreadableImageError as e:
+                warnings.warn(f"{e}: skipped, the next unlabelled image used instead", stacklevel=2)
+        else:
+            raise GdistillError(f"none of the {len(self.images)} unlabelled images can be read")
         generator = torch.Generator().manual_seed(sample_seed(self.seed, index, draw))
         out = self.augment(_to_chw(image), generator)
         out["key"] = record.key
