@@ -423,8 +423,9 @@ def _processes_in_group(pgid: int) -> list[int]:
 
 
 def test_an_image_that_fails_in_a_worker_ends_the_run_in_one_line(synth, teacher, tmp_path):
-    # The header check passes, the decode in a DataLoader worker fails: the run must end with
-    # the file named (not torch's worker traceback), and not hang while its workers shut down.
+    # The header check passes, the decode in a DataLoader worker fails. An unlabelled image
+    # gives way to the next one with a warning; a labelled one ends the run with the file named
+    # (not torch's worker traceback), without hanging while the workers shut down.
     folder = tmp_path / "unlabelled"
     folder.mkdir()
     for image in sorted((synth / "images").rglob("*.png"))[:3]:
@@ -435,9 +436,20 @@ def test_an_image_that_fails_in_a_worker_ends_the_run_in_one_line(synth, teacher
                "--unlabelled", folder, "--images", synth / "images", "--out", tmp_path / "run",
                "--quiet", "--config", "demo", *DISTILL, "data.num_workers=2")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (f"warning: {folder / 'z_cut.png'}: corrupt or truncated image (") in done.stderr
+    assert "skipped, the next unlabelled image used instead" in done.stderr
+
+    images = tmp_path / "images"
+    shutil.copytree(synth / "images", images)
+    first = images / load_coco(synth / "train.json").images[0].file_name
+    first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])
+    cmd = _cli("train", "--labelled", synth / "train.json", "--images", images, "--out",
+               tmp_path / "run_a", "--quiet", "--config", "demo", *STAGE_A, "data.num_workers=2")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV)
     assert done.returncode == 2, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: {folder / 'z_cut.png'}: corrupt or truncated image ("), last
+    assert last.startswith(f"error: {first}: corrupt or truncated image ("), last
 
 
 # ----------------------------------------------------------------------------- 4. non-finite guard

@@ -312,3 +312,37 @@ def test_a_failed_evaluation_keeps_the_iterations_before_it(tiny_data, tmp_path,
     train(cfg, tmp_path / "r", tiny_data, resume=True, progress=False)
     assert load_checkpoint(tmp_path / "r" / "last.pt")["step"] == 4
     assert [row.split(",")[0] for row in (tmp_path / "r" / "eval.csv").read_text().splitlines()][1:] == ["4"]
+
+
+def test_a_labelled_image_failing_when_drawn_keeps_the_iterations_before_it(tiny_data, tmp_path,
+                                                                           monkeypatch):
+    """An image that only fails when decoded, drawn at iteration 3: last.pt holds the 2 done,
+    and --resume (the file fixed) ends where an uninterrupted run does."""
+    import gdistill.data.loader as loader
+    from gdistill.errors import UnreadableImageError
+
+    cfg = load_config("demo", [*TINY, "solver.max_iters=4", "eval_period=0", "checkpoint_period=0",
+                               "data.num_workers=0"])
+    train(cfg, tmp_path / "whole", tiny_data, progress=False)
+    real = loader.LabelledDataset.__getitem__
+    calls = []
+
+    def failing(self, key):
+        calls.append(key)
+        if len(calls) == 5:  # the first image of the third batch (batch size 2)
+            raise UnreadableImageError("x.jpg: corrupt or truncated image (cut short)")
+        return real(self, key)
+
+    monkeypatch.setattr(loader.LabelledDataset, "__getitem__", failing)
+    with pytest.raises(GdistillError) as caught:
+        train(cfg, tmp_path / "r", tiny_data, progress=False)
+    assert str(caught.value) == (
+        f"x.jpg: corrupt or truncated image (cut short) (iteration 3; {tmp_path / 'r' / 'last.pt'} "
+        "saved at iteration 2, the same command with --resume continues from it once the file is "
+        "fixed)"
+    )
+    assert load_checkpoint(tmp_path / "r" / "last.pt")["step"] == 2
+    monkeypatch.setattr(loader.LabelledDataset, "__getitem__", real)
+    train(cfg, tmp_path / "r", tiny_data, resume=True, progress=False)
+    assert _equal(load_checkpoint(tmp_path / "r" / "last.pt")["model"],
+                  load_checkpoint(tmp_path / "whole" / "last.pt")["model"])

@@ -13,6 +13,7 @@ from gdistill.errors import (
     InvalidAnnotationError,
     TrainingStopped,
     UnreadableImageError,
+    one_line,
 )
 
 MODEL_CHOICES = ("student", "teacher", "ema")  # the models a checkpoint can hold
@@ -567,17 +568,6 @@ COMMANDS = {
     "report": cmd_report,
     "export": cmd_export,
 }
-
-
-def one_line(exc: GdistillError) -> str:
-    """The message of a GdistillError, also when torch re-raised it from a DataLoader worker
-    (its message then holds the worker's whole traceback; the last line is ours)."""
-    text = str(exc).strip()
-    if "\n" not in text:
-        return text
-    last = text.splitlines()[-1].strip()
-    prefix = f"{type(exc).__module__}.{type(exc).__name__}: "  # torch re-raises the same type
-    return last[len(prefix) :] if last.startswith(prefix) else last
 
 
 FILE_OUTPUTS = ("convert-cityscapes", "eval", "export")  # --out is a file; elsewhere a folder

@@ -27,3 +27,14 @@ class TrainingStopped(Exception):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.signum = signum
+
+
+def one_line(exc: Exception) -> str:
+    """The message of an error, also when torch re-raised it from a DataLoader worker (its
+    message then holds the worker's whole traceback; the last line is ours)."""
+    text = str(exc).strip()
+    if "\n" not in text:
+        return text
+    last = text.splitlines()[-1].strip()
+    prefix = f"{type(exc).__module__}.{type(exc).__name__}: "  # torch re-raises the same type
+    return last[len(prefix) :] if last.startswith(prefix) else last

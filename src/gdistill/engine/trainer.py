@@ -77,7 +77,7 @@ from gdistill.engine.evaluate import autocast_for, evaluate_model, validation_pi
 from gdistill.engine.optim import build_optimizer, build_scheduler
 from gdistill.engine.run_info import read_run_info, write_run_info
 from gdistill.engine.stop_signals import StopOnSignal
-from gdistill.errors import GdistillError, TrainingStopped
+from gdistill.errors import GdistillError, TrainingStopped, one_line
 from gdistill.model.criterion import SetCriterion
 from gdistill.model.mask2former import Mask2Former, build_model, images_to_model_input
 from gdistill.model.matcher import HungarianMatcher
@@ -658,6 +658,22 @@ def _train(
     t_window = time.perf_counter()
     stop.armed = True
     for step in range(start_step, max_iters):
+        with_unlabelled = unlabelled_iter is not None and unsupervised_loss_active(
+            step, dist.burn_in, dist.burnin_iters
+        )
+        try:
+            batch = next(labelled_iter)
+            ubatch = next(unlabelled_iter) if with_unlabelled else None
+        except GdistillError as err:
+            # A labelled image that only fails when decoded can be drawn hours in: keep the
+            # iterations done (nothing of this step has run yet). One process only, as above.
+            if world > 1 or step == start_step:
+                raise
+            rotate_and_save(checkpoint_payload(step, with_optimizer=True), out_dir)
+            raise GdistillError(
+                f"{one_line(err)} (iteration {step + 1}; {out_dir / 'last.pt'} saved at iteration "
+                f"{step}, the same command with --resume continues from it once the file is fixed)"
+            ) from err
         if teacher is not None:
             decay = teacher_decay_for_step(step, dist.burn_in, dist.burnin_iters, dist.ema_decay)
             if decay is not None:
@@ -668,13 +684,11 @@ def _train(
             if decay is not None:
                 ema_update(ema_model, student, decay)
 
-        batch = next(labelled_iter)
         images = images_to_model_input(batch["images"].to(device, non_blocking=True))
         targets = _to_device_targets(batch["targets"], device)
         step_stats: dict[str, float] = {}
         unsup_targets = None
-        if unlabelled_iter is not None and unsupervised_loss_active(step, dist.burn_in, dist.burnin_iters):
-            ubatch = next(unlabelled_iter)
+        if ubatch is not None:
             with torch.no_grad():  # the teacher: eval mode, fp32, weak view
                 weak = images_to_model_input(ubatch["weak"].to(device, non_blocking=True))
                 t_out = teacher(weak)
@@ -820,7 +834,7 @@ def _train(
                     "command with --resume continues from it"
                 )
                 if isinstance(err, GdistillError):
-                    raise GdistillError(f"{err} ({where})") from err
+                    raise GdistillError(f"{one_line(err)} ({where})") from err
                 print(f"gdistill: {where}", file=sys.stderr)
                 raise
             ap = last_eval.get("student_AP")
