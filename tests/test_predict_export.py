@@ -602,3 +602,24 @@ def test_report_takes_the_image_root_of_an_unlabelled_json_from_the_run(checkpoi
     assert main(argv) == 0
     assert (run / "report" / "pseudo_label_views.png").is_file()
     assert f"| unlabelled source | `{synth / 'train.json'}` |" in (run / "report" / "summary.md").read_text()
+
+
+def test_large_images_upsample_masks_in_chunks_with_the_same_result(monkeypatch):
+    """Masks of a photo are upsampled a few queries at a time (a 12-megapixel image would
+    otherwise hold every kept query in float several times over): same masks, same scores to
+    float rounding, and a query kept with two classes gets one mask for both."""
+    import gdistill.model.mask2former as m2f
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 10, 4, generator=g)
+    masks = torch.randn(1, 10, 16, 16, generator=g) * 3
+    whole = m2f.instances_from_outputs(logits, masks, [(60, 64)], [(75, 80)], top_k=20)[0]
+    monkeypatch.setattr(m2f, "_UPSAMPLE_ELEMENTS", 2 * 75 * 80)  # 2 queries at a time
+    chunked = m2f.instances_from_outputs(logits, masks, [(60, 64)], [(75, 80)], top_k=20)[0]
+    assert torch.equal(whole.masks, chunked.masks) and torch.equal(whole.labels, chunked.labels)
+    torch.testing.assert_close(whole.scores, chunked.scores, rtol=0, atol=1e-6)
+    query = logits[0].softmax(-1)[:, :3].flatten().topk(20).indices // 3  # 20 pairs, 10 queries
+    twice = [q for q in query.unique() if (query == q).sum() > 1]
+    assert twice
+    rows = (query == twice[0]).nonzero().flatten()
+    assert torch.equal(chunked.masks[rows[0]], chunked.masks[rows[1]])

@@ -124,14 +124,26 @@ def instances_from_outputs(
         scores, flat = probs.flatten().topk(k)
         query = flat // num_classes
         labels = flat % num_classes
-        # Upsample only the kept queries: to the padded input, crop, then to the original size.
-        logits = pred_masks[i, query].float()[None]
-        logits = F.interpolate(logits, size=(padded_h, padded_w), mode="bilinear", align_corners=False)
+        # Upsample each kept query once (a query may be kept with several classes): to the
+        # padded input, crop, then to the original size; in chunks, so that a 12-megapixel
+        # photo holds a few float masks at a time besides the boolean ones it returns.
+        kept, row = query.unique(return_inverse=True)
         h, w = image_sizes[i]
-        logits = logits[:, :, :h, :w]
-        logits = F.interpolate(logits, size=tuple(orig_sizes[i]), mode="bilinear", align_corners=False)[0]
-        masks = logits > 0
-        mask_probs = logits.sigmoid()
-        mask_score = (mask_probs * masks).flatten(1).sum(1) / masks.flatten(1).sum(1).clamp(min=1)
-        results.append(Instances(scores=scores * mask_score, labels=labels, masks=masks))
+        out_h, out_w = orig_sizes[i]
+        masks = torch.empty((len(kept), out_h, out_w), dtype=torch.bool, device=pred_masks.device)
+        mask_score = torch.empty(len(kept), device=pred_masks.device)
+        chunk = max(1, _UPSAMPLE_ELEMENTS // max(1, out_h * out_w, padded_h * padded_w))
+        for start in range(0, len(kept), chunk):
+            logits = pred_masks[i, kept[start : start + chunk]].float()[None]
+            logits = F.interpolate(logits, size=(padded_h, padded_w), mode="bilinear", align_corners=False)
+            logits = logits[:, :, :h, :w]
+            logits = F.interpolate(logits, size=(out_h, out_w), mode="bilinear", align_corners=False)[0]
+            binary = logits > 0
+            inside = (logits.sigmoid_() * binary).flatten(1).sum(1)
+            mask_score[start : start + chunk] = inside / binary.flatten(1).sum(1).clamp(min=1)
+            masks[start : start + chunk] = binary
+        results.append(Instances(scores=scores * mask_score[row], labels=labels, masks=masks[row]))
     return results
+
+
+_UPSAMPLE_ELEMENTS = 1 << 25  # float mask pixels upsampled at once (128 MiB)
