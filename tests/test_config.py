@@ -229,3 +229,9 @@ def test_yaml_merge_keys_are_not_duplicates(tmp_path):
     cfg = load_config(path)
     assert (cfg.solver.lr, cfg.solver.max_iters) == (0.2, 5)
 
+
+
+@pytest.mark.parametrize("steps", ["[0]", "[-5]", "[100,50]", "[50,50]"])
+def test_learning_rate_steps_must_be_increasing_positive_iterations(steps):
+    with pytest.raises(GdistillError, match=r"'solver.lr_steps' must be increasing positive"):
+        validate_config(load_config(None, [f"solver.lr_steps={steps}"]))

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -346,3 +347,24 @@ def test_a_labelled_image_failing_when_drawn_keeps_the_iterations_before_it(tiny
     train(cfg, tmp_path / "r", tiny_data, resume=True, progress=False)
     assert _equal(load_checkpoint(tmp_path / "r" / "last.pt")["model"],
                   load_checkpoint(tmp_path / "whole" / "last.pt")["model"])
+
+
+def test_schedule_points_past_the_end_of_the_run_are_named(tiny_data, stage_a, tmp_path):
+    """A shortened run that kept the longer schedule's values: the learning rate never drops and
+    the whole run is burn-in. Said once at the start, with the keys."""
+    cfg = load_config("demo", [*TINY, "solver.max_iters=2", "eval_period=0", "checkpoint_period=0",
+                               "distill.burnin_iters=5"])
+    with pytest.warns(UserWarning) as caught:
+        train(cfg, tmp_path / "d", tiny_data, teacher_checkpoint=stage_a / "best.pt", progress=False)
+    [message] = [str(w.message) for w in caught if "ends before" in str(w.message)]
+    assert message == (
+        "solver.max_iters=2 ends before solver.lr_steps [700] (the learning rate is not lowered "
+        "there); distill.burnin_iters=5 (the whole run is burn-in: the teacher is never handed "
+        "over): scale them with the run"
+    )
+    cfg = load_config("demo", [*TINY, "solver.max_iters=2", "solver.lr_steps=[1]", "eval_period=0",
+                               "checkpoint_period=0"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg, tmp_path / "a", tiny_data, progress=False)
+    assert not [w for w in caught if "ends before" in str(w.message)]

@@ -470,6 +470,11 @@ def validate_config(cfg: Config) -> None:
         items = value if isinstance(value, tuple) else (value,)
         if not all(bound.holds(v) for v in items):
             raise GdistillError(f"config key '{key}' must be {bound.text}, got {value}")
+    steps = cfg.solver.lr_steps
+    if any(not isinstance(v, int) or v < 1 for v in steps) or list(steps) != sorted(set(steps)):
+        raise GdistillError(
+            f"config key 'solver.lr_steps' must be increasing positive iterations, got {list(steps)}"
+        )
     lo, hi = cfg.data.scale_range
     if lo > hi:
         raise GdistillError(f"config key 'data.scale_range' must satisfy min <= max, got {lo, hi}")

@@ -80,7 +80,7 @@ def demo_config(
             f"seed={seed}",
             *([f"solver.lr={lr}"] if lr is not None else []),
             f"solver.max_iters={iters}",
-            f"solver.lr_steps=[{int(iters * 0.875)}]",
+            f"solver.lr_steps=[{max(1, int(iters * 0.875))}]",
             f"eval_period={eval_period or tier.eval_period}",
             f"checkpoint_period={tier.eval_period}",  # what an interrupted demo resumes from
             f"distill.burnin_iters={tier.burnin_iters}",

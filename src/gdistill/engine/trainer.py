@@ -99,6 +99,30 @@ class TrainingData:
     unlabelled_root: Path | None = None  # image root of a JSON source
 
 
+def _warn_schedule_past_the_end(cfg: Config, is_distill: bool) -> None:
+    """Schedule points at or past solver.max_iters never happen: say so (a shortened run that
+    kept the defaults, e.g. solver.max_iters=20000 with the COCO learning-rate steps)."""
+    end = cfg.solver.max_iters
+    never = []
+    late = [s for s in cfg.solver.lr_steps if s >= end]
+    if late:
+        never.append(f"solver.lr_steps {late} (the learning rate is not lowered there)")
+    if is_distill and cfg.distill.burn_in != "none" and cfg.distill.burnin_iters >= end:
+        never.append(
+            f"distill.burnin_iters={cfg.distill.burnin_iters} (the whole run is burn-in: the "
+            "teacher is never handed over)"
+        )
+    if not is_distill and cfg.solver.ema_decay > 0 and cfg.solver.ema_start >= end:
+        never.append(
+            f"solver.ema_start={cfg.solver.ema_start} (the moving average stays the model at step 0)"
+        )
+    if never:
+        warnings.warn(
+            f"solver.max_iters={end} ends before {'; '.join(never)}: scale them with the run",
+            stacklevel=2,
+        )
+
+
 def _resolved(path: str | Path | None) -> str | None:
     return str(Path(path).resolve()) if path else None
 
@@ -656,6 +680,8 @@ def _train(
     nonfinite_in_a_row = 0
     skipped_steps = 0
     t_window = time.perf_counter()
+    if main_process and start_step < max_iters:  # after every input check: errors come first
+        _warn_schedule_past_the_end(cfg, is_distill)
     stop.armed = True
     for step in range(start_step, max_iters):
         with_unlabelled = unlabelled_iter is not None and unsupervised_loss_active(
