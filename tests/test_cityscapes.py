@@ -181,6 +181,17 @@ def test_missing_image_names_both_files(tree, tmp_path):
     assert str(image) in message and "not found" in message
 
 
+def test_an_image_without_its_label_file_is_named_in_a_warning(tree, tmp_path):
+    root, _ = tree
+    gt = root / "gtFine" / "train" / "bochum" / "bochum_000000_000313_gtFine_instanceIds.png"
+    image = root / "leftImg8bit" / "train" / "bochum" / "bochum_000000_000313_leftImg8bit.png"
+    gt.unlink()
+    with pytest.warns(UserWarning, match=f"{image}: no \\*_gtFine_instanceIds.png in .*: left out"):
+        out = convert_cityscapes(root, "train", tmp_path / "o.json", progress=False)
+    names = [im["file_name"] for im in json.loads(out.read_text())["images"]]
+    assert names and not any("bochum_000000_000313" in n for n in names)
+
+
 def test_image_of_another_size(tree, tmp_path):
     root, _ = tree
     image = root / "leftImg8bit" / "train" / "aachen" / "aachen_000001_000019_leftImg8bit.png"

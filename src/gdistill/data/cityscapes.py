@@ -14,6 +14,7 @@ Stuff classes (road, sky, ...) and the void classes are ignored.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,18 @@ def convert_cityscapes(
             f"{root}: no *{_GT_SUFFIX} files for split '{split}' (looked in {gt_dir}/<city>/)"
         )
     images_root = root / "leftImg8bit"
+    labelled = {f"{p.parent.name}/{p.name[: -len(_GT_SUFFIX)]}" for p in gt_files}
+    unlabelled = sorted(
+        p for p in (images_root / split).glob(f"*/*{_IMAGE_SUFFIX}")
+        if f"{p.parent.name}/{p.name[: -len(_IMAGE_SUFFIX)]}" not in labelled
+    )
+    if unlabelled:
+        # a partly extracted gtFine archive would otherwise shrink the split unnoticed
+        more = f" and {len(unlabelled) - 1} more" if len(unlabelled) > 1 else ""
+        warnings.warn(
+            f"{unlabelled[0]}{more}: no *{_GT_SUFFIX} in {gt_dir}: left out of {out_json.name}",
+            stacklevel=2,
+        )
     images, annotations = [], []
     for image_id, gt_path in enumerate(tqdm(gt_files, desc=f"cityscapes {split}", disable=not progress), 1):
         city = gt_path.parent.name
