@@ -302,8 +302,8 @@ def test_a_failed_evaluation_keeps_the_iterations_before_it(tiny_data, tmp_path,
     cfg = load_config("demo", [*TINY, "solver.max_iters=4", "eval_period=2", "checkpoint_period=0"])
     with pytest.raises(type(error)) as caught:
         train(cfg, tmp_path / "r", tiny_data, progress=False)
-    where = (f"evaluation at iteration 2 failed; {tmp_path / 'r' / 'last.pt'} saved, the same "
-             "command with --resume continues from it")
+    where = (f"evaluation at iteration 2 failed; {tmp_path / 'r' / 'last.pt'} saved at iteration 2, "
+             "the same command with --resume continues from it")
     if isinstance(error, GdistillError):
         assert str(caught.value) == f"v.jpg: corrupt or truncated image ({where})"
     else:
@@ -338,9 +338,9 @@ def test_a_labelled_image_failing_when_drawn_keeps_the_iterations_before_it(tiny
     with pytest.raises(GdistillError) as caught:
         train(cfg, tmp_path / "r", tiny_data, progress=False)
     assert str(caught.value) == (
-        f"x.jpg: corrupt or truncated image (cut short) (iteration 3; {tmp_path / 'r' / 'last.pt'} "
-        "saved at iteration 2, the same command with --resume continues from it once the file is "
-        "fixed)"
+        "x.jpg: corrupt or truncated image (cut short) (drawing the batch of iteration 3 failed; "
+        f"{tmp_path / 'r' / 'last.pt'} saved at iteration 2, the same command with --resume "
+        "continues from it)"
     )
     assert load_checkpoint(tmp_path / "r" / "last.pt")["step"] == 2
     monkeypatch.setattr(loader.LabelledDataset, "__getitem__", real)

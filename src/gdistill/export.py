@@ -34,11 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2.functional import resize
 
 from gdistill.config import Config
-from gdistill.data.augment import eval_size
+from gdistill.data.augment import eval_size, resize_to
 from gdistill.errors import GdistillError
 from gdistill.model.mask2former import Instances, instances_from_outputs, sorted_by_score
 
@@ -199,9 +197,7 @@ def fit_to_input(
         scale = min(height / h, width / w)
         h, w = h * scale, w * scale
     h, w = max(1, min(height, int(h + 0.5))), max(1, min(width, int(w + 0.5)))
-    if (h, w) != (h0, w0):
-        image = resize(image, [h, w], interpolation=InterpolationMode.BILINEAR, antialias=True)
-    x = image[None].float() / 255.0
+    x = resize_to(image, (h, w))[None].float() / 255.0
     return F.pad(x, (0, width - w, 0, height - h)), (h, w)
 
 

@@ -306,7 +306,12 @@ def resize_for_eval(image: Tensor, short_side: int, max_side: int) -> Tensor:
         uint8 [3, h, w] with h, w from ``eval_size``.
     """
     _check_image(image)
-    size = eval_size(image.shape[1], image.shape[2], short_side, max_side)
-    if size == tuple(image.shape[1:]):
+    return resize_to(image, eval_size(image.shape[1], image.shape[2], short_side, max_side))
+
+
+def resize_to(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """uint8 [3, H, W] → uint8 [3, h, w], bilinear and antialiased: every test-time resize, so
+    that an exported model's inputs (``export.fit_to_input``) are ``predict``'s pixels."""
+    if tuple(size) == tuple(image.shape[1:]):
         return image
     return F.resize(image, list(size), interpolation=InterpolationMode.BILINEAR, antialias=True)

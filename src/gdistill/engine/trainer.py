@@ -665,6 +665,19 @@ def _train(
             )
         return payload
 
+    def save_then_raise(err: Exception, step: int, what: str) -> None:
+        """Save the ``step`` iterations done, then re-raise ``err`` saying so. One process
+        only: elsewhere other ranks would wait in the checkpoint's collective."""
+        if world > 1:
+            raise err
+        rotate_and_save(checkpoint_payload(step, with_optimizer=True), out_dir)
+        where = (f"{what}; {out_dir / 'last.pt'} saved at iteration {step}, the same command with "
+                 "--resume continues from it")
+        if isinstance(err, GdistillError):
+            raise GdistillError(f"{one_line(err)} ({where})") from err
+        print(f"gdistill: {where}", file=sys.stderr)
+        raise err
+
     # ---- the loop
     dist = cfg.distill
     max_iters = cfg.solver.max_iters
@@ -692,14 +705,10 @@ def _train(
             ubatch = next(unlabelled_iter) if with_unlabelled else None
         except GdistillError as err:
             # A labelled image that only fails when decoded can be drawn hours in: keep the
-            # iterations done (nothing of this step has run yet). One process only, as above.
-            if world > 1 or step == start_step:
+            # iterations done (nothing of this step has run yet).
+            if step == start_step:
                 raise
-            rotate_and_save(checkpoint_payload(step, with_optimizer=True), out_dir)
-            raise GdistillError(
-                f"{one_line(err)} (iteration {step + 1}; {out_dir / 'last.pt'} saved at iteration "
-                f"{step}, the same command with --resume continues from it once the file is fixed)"
-            ) from err
+            save_then_raise(err, step, f"drawing the batch of iteration {step + 1} failed")
         if teacher is not None:
             decay = teacher_decay_for_step(step, dist.burn_in, dist.burnin_iters, dist.ema_decay)
             if decay is not None:
@@ -850,19 +859,8 @@ def _train(
             try:
                 last_eval = evaluate(done)
             except Exception as err:
-                # Bad validation data shows up here, eval_period iterations in: keep those
-                # iterations. Only in one process, where no other rank waits in a collective.
-                if world > 1:
-                    raise
-                rotate_and_save(checkpoint_payload(done, with_optimizer=True), out_dir)
-                where = (
-                    f"evaluation at iteration {done} failed; {out_dir / 'last.pt'} saved, the same "
-                    "command with --resume continues from it"
-                )
-                if isinstance(err, GdistillError):
-                    raise GdistillError(f"{one_line(err)} ({where})") from err
-                print(f"gdistill: {where}", file=sys.stderr)
-                raise
+                # Bad validation data shows up here, eval_period iterations in: keep them.
+                save_then_raise(err, done, f"evaluation at iteration {done} failed")
             ap = last_eval.get("student_AP")
             ap = -1.0 if ap is None else ap
             if val_loader is not None and ap > best_ap:
