@@ -1,4 +1,5 @@
 import importlib.util
+import warnings
 
 import pytest
 import timm
@@ -143,8 +144,29 @@ def test_frozen_stages_efficientnet_stem_includes_stride2_block():
 def test_frozen_stages_out_of_range_and_unknown_name():
     with pytest.raises(GdistillError, match="frozen_stages"):
         TimmBackbone("resnet18", frozen_stages=6)
-    with pytest.raises(GdistillError, match="no_such_net: unknown timm model"):
+    with pytest.raises(GdistillError, match="no_such_net: unknown timm model$"):
         TimmBackbone("no_such_net")
+    with pytest.raises(GdistillError, match="resnet_18: unknown timm model; did you mean resnet18,"):
+        TimmBackbone("resnet_18")
+
+
+def test_hybrid_vit_tokens_are_one_per_stem_stride_times_patch():
+    # vit_*_r_s16_p8: 8-px patches of a stride-4 CNN stem's map, so one token per 32 px.
+    torch.manual_seed(0)
+    bb = TimmBackbone("vit_tiny_r_s16_p8_224", depth=1)
+    assert bb.is_vit and bb.patch_size == (32, 32)
+    feats = bb(torch.randn(1, 3, 64, 96))
+    assert _shapes(feats) == [(1, 128, 16, 24), (1, 256, 8, 12), (1, 512, 4, 6), (1, 1024, 2, 3)]
+
+
+def test_a_trunk_that_cannot_take_the_input_size_fails_in_one_line():
+    bb = TimmBackbone("maxvit_nano_rw_256")  # 8x8 attention windows on a 2x3 stride-32 map
+    with pytest.raises(
+        GdistillError,
+        match=r"^model.backbone=maxvit_nano_rw_256 failed on 64x96-px inputs \(AssertionError: .*"
+        r"window.*\); some timm models need the input size",
+    ):
+        bb(torch.randn(1, 3, 64, 96))
 
 
 def _renamed_state(model: nn.Module, seed: int) -> dict:
@@ -190,6 +212,26 @@ def test_name_matching_with_prefixes_and_flattened_names(tmp_path):
         bb.body.state_dict()["layers_2.blocks.0.mlp.fc1.weight"],
         src.state_dict()["layers.2.blocks.0.mlp.fc1.weight"],
     )
+
+
+def test_weights_of_a_deeper_model_of_the_family_are_flagged(tmp_path):
+    # Every resnet18 name is in a resnet34 file (layer1.0, layer1.1, ...): they load, but the
+    # blocks resnet18 lacks are dropped, and the user is told.
+    deeper = timm.create_model("resnet34").state_dict()
+    path = tmp_path / "r34.pth"
+    torch.save(deeper, path)
+    with pytest.warns(
+        UserWarning,
+        match=r"r34.pth: 80 of its 218 tensors are not part of resnet18 and were not loaded "
+        r"\(first: layer1.2.conv1.weight\)",
+    ):
+        bb = TimmBackbone("resnet18", weights_path=path)
+    torch.testing.assert_close(bb.body.layer1[1].conv1.weight, deeper["layer1.1.conv1.weight"])
+    own = tmp_path / "r18.pth"
+    torch.save(timm.create_model("resnet18").state_dict(), own)  # the classifier is part of it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TimmBackbone("resnet18", weights_path=own)
 
 
 def test_weights_errors(tmp_path):

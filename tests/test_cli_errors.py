@@ -572,6 +572,9 @@ def test_distill_without_burn_in_starts_the_student_from_the_teacher(capsys, syn
     argv = _distill_argv(synth, tmp_path / "r2", "--unlabelled", synth[0], "--teacher", teacher,
                          "--burn-in", "none", "distill.student_init=pretrained")
     fails(capsys, argv, "distill.burn_in=none", "set distill.student_init=teacher")
+    argv = _distill_argv(synth, tmp_path / "r3", "--unlabelled", synth[0], "--teacher", teacher,
+                         "distill.burnin_iters=0", "distill.student_init=pretrained")
+    fails(capsys, argv, "distill.burnin_iters=0 hands the teacher over", "student_init=teacher")
 
 
 def test_train_init_weights_without_config_starts_from_the_checkpoints_config(capsys, synth,

@@ -61,6 +61,8 @@ def test_unknown_key_in_yaml_names_file(tmp_path):
 def test_wrong_types_and_values():
     with pytest.raises(GdistillError, match="'solver.max_iters' expects int"):
         apply_overrides(Config(), ["solver.max_iters=abc"])
+    with pytest.raises(GdistillError, match="'model.backbone' expects str"):
+        apply_overrides(Config(), ["model.backbone=[resnet18]"])
     with pytest.raises(GdistillError, match="distill.burn_in.*guided, standard, none"):
         load_config(None, ["distill.burn_in=sometimes"])
     with pytest.raises(GdistillError, match="not of the form key=value"):

@@ -100,6 +100,15 @@ def test_demo_command_refuses_a_folder_holding_a_demo(tmp_path, capsys):
     assert "--resume and --overwrite exclude each other" in capsys.readouterr().err
 
 
+def test_demo_command_refuses_a_foreign_non_empty_folder(tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("the user's own file\n")
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    assert "not empty and holds no demo" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]  # nothing written
+    assert main(["demo", "--out", str(tmp_path), "--resume"]) == 2
+    assert "no demo to resume there" in capsys.readouterr().err
+
+
 def test_demo_table_shows_spread_over_seeds():
     result = {
         "teacher": {"AP": 20.0},

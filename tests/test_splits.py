@@ -75,6 +75,12 @@ def test_exclude_labelled_is_disjoint_and_complete(tmp_path):
     assert sorted(ids(labelled) + ids(unlabelled)) == ids(dataset.raw)
 
 
+def test_exclude_labelled_with_every_image_labelled_is_an_error(tmp_path):
+    dataset = make_dataset(tmp_path)
+    with pytest.raises(GdistillError, match=r"all 20 images are labelled, so excluding them"):
+        split_labelled(dataset, fraction=1.0, exclude_labelled=True)
+
+
 def test_fraction_counts(tmp_path):
     dataset = make_dataset(tmp_path, num_images=1000)
     assert len(split_labelled(dataset, fraction=0.001)[0]["images"]) == 1

@@ -15,6 +15,7 @@ from gdistill.data.synthetic import generate_synthetic
 from gdistill.engine.checkpoint import load_checkpoint
 from gdistill.engine.trainer import TrainingData, train
 from gdistill.errors import GdistillError
+from gdistill.inference import load_model
 
 
 @pytest.fixture(scope="module")
@@ -129,9 +130,13 @@ def _stage_a_with_ema(tiny_data, stage_a, out, max_iters, extra=()):
 
 def test_stage_a_ema_model_copy_then_average_and_resume(tiny_data, stage_a, tmp_path):
     start = _weights(load_checkpoint(stage_a / "best.pt"), "model")
-    # Before solver.ema_start the average is the initial model, untouched by training.
+    # Until solver.ema_start the average has not begun: the checkpoint holds none, and asking
+    # for it says why.
     _, two = _stage_a_with_ema(tiny_data, stage_a, tmp_path / "two", max_iters=2)
-    assert _equal(_weights(two, "ema"), start) and not _equal(_weights(two, "model"), start)
+    assert two["ema"] is None and not _equal(_weights(two, "model"), start)
+    with pytest.raises(GdistillError, match=r"last.pt: has no EMA model: its moving average "
+                       r"starts after solver.ema_start=2 and this checkpoint is of step 2"):
+        load_model(tmp_path / "two" / "last.pt", model="ema")
     # Before step 2 it becomes a copy of the model after 2 steps (same seed and data as "two").
     _, three = _stage_a_with_ema(tiny_data, stage_a, tmp_path / "three", max_iters=3)
     assert _equal(_weights(three, "ema"), _weights(two, "model"))

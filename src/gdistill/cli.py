@@ -257,12 +257,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     _check_resume_flags(args)
     found = demo_runs_in(args.out)
-    if args.resume and not found:
+    started = (args.out / "demo.json").is_file()  # also a demo stopped before its first run
+    if args.resume and not (found or started):
         raise GdistillError(f"{args.out}: no demo to resume there")
     if found and not (args.resume or args.overwrite):
         raise GdistillError(
             f"{args.out}: holds a demo ({found[0].relative_to(args.out)}); pass --resume to "
             "continue it, --overwrite to start afresh there, or another --out"
+        )
+    if not (found or started or args.overwrite) and args.out.is_dir() and any(args.out.iterdir()):
+        raise GdistillError(
+            f"{args.out}: not empty and holds no demo (the demo writes its 1200 images and four "
+            "runs per seed there); pass an empty or new --out, or --overwrite to write there "
+            "anyway (files of your own are kept)"
         )
     run_demo(
         args.out, full=args.full, seeds=args.seeds, overrides=args.overrides,

@@ -197,6 +197,8 @@ def _coerce(value: Any, ftype: Any, key: str, source: str) -> Any:
                 raise ValueError(value)
             return float(value)
         if ftype is str:
+            if isinstance(value, (list, tuple, dict)):
+                raise ValueError(value)
             return "" if value is None else str(value)
         if origin is tuple:
             if isinstance(value, str):

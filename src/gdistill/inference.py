@@ -167,6 +167,12 @@ def load_model(weights: str | Path, model: str = "student", device: str = "auto"
     if state is None:
         if model == "ema" and payload.get("teacher") is not None:
             missing += "; in a distillation checkpoint the moving average is the teacher: --model teacher"
+        solver = (payload.get("config") or {}).get("solver") or {}
+        if model == "ema" and (solver.get("ema_decay") or 0) > 0:
+            missing = (
+                f"has no EMA model: its moving average starts after solver.ema_start="
+                f"{solver.get('ema_start')} and this checkpoint is of step {payload.get('step')}"
+            )
         raise GdistillError(f"{weights}: {missing}")
     cfg = config_from_dict(payload["config"], str(weights))
     cfg.model.pretrained = False

@@ -82,6 +82,11 @@ def split_labelled(
     ]
     if exclude_labelled:
         unlabelled_images = [img for img in raw_images if img["id"] not in chosen]
+        if not unlabelled_images:
+            raise GdistillError(
+                f"{path}: all {num_images} images are labelled, so excluding them leaves no "
+                "unlabelled images; label fewer, or leave out --exclude-labelled"
+            )
     else:
         unlabelled_images = list(raw_images)
     return (

@@ -367,9 +367,13 @@ def _train(
         state = None
         stage = "distill" if teacher_checkpoint else "teacher"
     is_distill = stage == "distill"
-    if is_distill and cfg.distill.burn_in == "none" and cfg.distill.student_init == "pretrained":
+    dist_cfg = cfg.distill
+    if is_distill and dist_cfg.student_init == "pretrained" and (
+        dist_cfg.burn_in == "none" or dist_cfg.burnin_iters == 0
+    ):
+        given = "distill.burn_in=none" if dist_cfg.burn_in == "none" else "distill.burnin_iters=0"
         raise GdistillError(
-            "distill.burn_in=none hands the teacher over to the student at step 0: with "
+            f"{given} hands the teacher over to the student at step 0: with "
             "distill.student_init=pretrained the stage-A teacher would never be used; "
             "set distill.student_init=teacher"
         )
@@ -468,7 +472,7 @@ def _train(
         student.load_state_dict(state["model"])
         if teacher is not None:
             teacher.load_state_dict(state["teacher"])
-        if ema_model is not None:
+        if ema_model is not None and state.get("ema") is not None:
             ema_model.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -650,7 +654,11 @@ def _train(
             "category_ids": category_ids,
             "model": student.state_dict(),
             "teacher": teacher.state_dict() if teacher is not None else None,
-            "ema": ema_model.state_dict() if ema_model is not None else None,
+            # Before solver.ema_start the average has not begun (it is overwritten by a copy of
+            # the model there): nothing to save, and `--model ema` says so.
+            "ema": ema_model.state_dict()
+            if ema_model is not None and step > cfg.solver.ema_start
+            else None,
             "step": step,
             "best_ap": best_ap,
             "last_eval": last_eval,

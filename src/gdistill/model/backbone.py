@@ -23,12 +23,14 @@ Input normalisation is not done here; the model normalises images before the bac
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib.resources
 import importlib.util
 import logging
 import math
 import os
 import socket
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from urllib.parse import urlparse
@@ -104,7 +106,7 @@ def _create_model(name: str, pretrained: bool, try_dynamic: bool, **kwargs) -> n
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
-            raise GdistillError(f"model.backbone={name}: unknown timm model") from err
+            raise GdistillError(f"model.backbone={name}: unknown timm model{_suggest(name)}") from err
         if not pretrained:
             raise
         raise GdistillError(_download_failed(name, err)) from err
@@ -112,6 +114,12 @@ def _create_model(name: str, pretrained: bool, try_dynamic: bool, **kwargs) -> n
         if not pretrained:
             raise
         raise GdistillError(_download_failed(name, err)) from err
+
+
+def _suggest(name: str) -> str:
+    arch, _, tag = name.partition(".")
+    close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.75)
+    return f"; did you mean {', '.join(close)}?" if close else ""
 
 
 def _download_failed(name: str, err: Exception) -> str:
@@ -227,7 +235,13 @@ class TimmBackbone(nn.Module):
         pretrained = pretrained and not weights_path
         if self.is_vit:
             self.body = _create(name, pretrained, True, num_classes=0, **timm_kwargs)
-            patch = getattr(getattr(self.body, "patch_embed", None), "patch_size", None)
+            embed = getattr(self.body, "patch_embed", None)
+            # One token per feat_ratio pixels: the patch size, or for a hybrid ViT
+            # (vit_*_r_s16_p8: a CNN stem, then patches of its feature map) stem stride x patch.
+            if hasattr(embed, "feat_ratio"):
+                patch = embed.feat_ratio(as_scalar=False)
+            else:
+                patch = getattr(embed, "patch_size", None)
             if patch is None or not hasattr(self.body, "forward_features"):
                 raise GdistillError(
                     f"model.backbone={name}: not a plain ViT with a patch embedding"
@@ -346,7 +360,7 @@ class TimmBackbone(nn.Module):
             x = F.pad(x, (0, pad_w, 0, pad_h))
         if self.nhwc_convs:
             x = x.contiguous(memory_format=torch.channels_last)
-        feats = self.body(x)
+        feats = self._run_trunk(self.body, x)
         out = [feats[i] for i in self.level_indices]
         if self.channels_last:
             out = [f.permute(0, 3, 1, 2).contiguous() for f in out]
@@ -358,13 +372,34 @@ class TimmBackbone(nn.Module):
         gh, gw = math.ceil(h / ph), math.ceil(w / pw)
         if (gh * ph, gw * pw) != (h, w):
             x = F.interpolate(x, size=(gh * ph, gw * pw), mode="nearest")
-        tokens = self.body.forward_features(x)[:, self.num_prefix_tokens :]  # [B, gh*gw, D]
+        tokens = self._run_trunk(self.body.forward_features, x)[:, self.num_prefix_tokens :]
+        if tokens.shape[1] != gh * gw:  # [B, gh*gw, D]
+            raise GdistillError(
+                f"model.backbone={self.name}: {tokens.shape[1]} patch tokens for a "
+                f"{gh}x{gw} grid of {ph}x{pw}-px patches; not a plain ViT this adapter can read"
+            )
         grid = tokens.transpose(1, 2).reshape(b, -1, gh, gw)
         out = []
         for stride, conv in zip(self.strides, self.levels, strict=True):
             size = (math.ceil(h / stride), math.ceil(w / stride))
             out.append(F.interpolate(conv(grid), size=size, mode="nearest"))
         return out
+
+    def _run_trunk(self, fn, x: Tensor):
+        """``fn(x)``, with a model that cannot take this input size (a fixed position
+        embedding, windows larger than the feature map, kernels larger than the input) reported
+        as one line instead of timm's traceback."""
+        try:
+            return fn(x)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, AssertionError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise GdistillError(
+                f"model.backbone={self.name} failed on {x.shape[-2]}x{x.shape[-1]}-px "
+                f"inputs ({type(err).__name__}: {first}); some timm models need the input size "
+                "they were built for (often in their name) or a larger one"
+            ) from err
 
     # ---- weights --------------------------------------------------------------------------
     def reference_state_shapes(self) -> list[tuple[str, torch.Size]]:
@@ -486,6 +521,8 @@ def load_backbone_weights(module: nn.Module, path: str | Path) -> None:
                     f"{tuple(own[k].shape)}"
                 )
         new_state = {k: state[ck] for k, ck in found.items()}
+        if isinstance(module, TimmBackbone):
+            _warn_foreign_tensors(path, state, module.reference_state_shapes(), label)
     else:
         if reference is None:
             reference = module.reference_state_shapes()
@@ -510,6 +547,30 @@ def load_backbone_weights(module: nn.Module, path: str | Path) -> None:
     left = [k for k in result.missing_keys if not _skip(k)]
     if left:  # cannot happen when `own` is complete; guards against exotic state-dict hooks
         raise GdistillError(f"{path}: weights do not fit {label}: missing {left[0]}")
+
+
+# Buffers that some checkpoints store and timm recomputes (Swin's original releases).
+_DERIVED_BUFFERS = ("relative_position_index", "attn_mask", "relative_coords_table")
+
+
+def _warn_foreign_tensors(
+    path: Path, state: Mapping[str, Tensor], reference: list[tuple[str, torch.Size]], label: str
+) -> None:
+    """Warn when the file holds tensors the full timm model does not have: resnet34 weights
+    match every resnet18 name (layer1.0, layer1.1, ...) and would load silently, minus the
+    blocks resnet18 lacks."""
+    known = {_norm_key(k) for k, _ in reference}
+    foreign = [
+        k for k in state
+        if _norm_key(k) not in known and not _skip(k) and not k.endswith(_DERIVED_BUFFERS)
+    ]
+    if foreign:
+        warnings.warn(
+            f"{path}: {len(foreign)} of its {len(state)} tensors are not part of {label} and "
+            f"were not loaded (first: {foreign[0]}); is it a checkpoint of another model, e.g. "
+            "a deeper one of the same family?",
+            stacklevel=3,
+        )
 
 
 def efficientnet_lite0_weights_path() -> Path:
