@@ -19,6 +19,7 @@ from gdistill.data.loader import (
     EvalDataset,
     InfiniteSampler,
     LabelledDataset,
+    PickledList,
     RepeatFactorSampler,
     UnlabelledDataset,
     collate_eval,
@@ -103,6 +104,18 @@ def test_labelled_dataset_crowd_and_empty_images(coco):
     assert ds[2]["labels"].tolist() == [0]  # the crowd annotation is not a target
     empty = ds[3]
     assert empty["masks"].shape == (0, 32, 32) and empty["labels"].shape == (0,)
+
+
+def test_pickled_list_returns_equal_fresh_copies(coco):
+    dataset, _ = coco
+    records = PickledList(dataset.images)
+    assert len(records) == len(dataset.images)
+    assert [records[i] for i in range(len(records))] == dataset.images
+    assert list(records) == dataset.images and records[-1] == dataset.images[-1]
+    assert records[0] is not records[0]  # unpickled anew: workers never touch the originals
+    with pytest.raises(IndexError, match="index 4 out of range for 4 items"):
+        records[len(records)]
+    assert len(PickledList([])) == 0
 
 
 def test_labelled_dataset_decodes_once_and_is_keyed(coco, monkeypatch):

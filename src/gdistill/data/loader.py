@@ -22,11 +22,12 @@ import itertools
 import math
 import multiprocessing
 import os
+import pickle
 import random
 import signal
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,33 @@ def _to_chw(image: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
 
 
+class PickledList(Sequence):
+    """A read-only list kept as its items' pickles in one numpy byte array; ``[i]`` unpickles a
+    fresh copy of item i (about 10 us for a COCO image record).
+
+    DataLoader workers are forked from the training process. Reading a Python object there
+    updates its reference count, which copies its memory page into the worker: over an epoch
+    each worker would copy a share of a list of image records, hundreds of MB per worker for
+    COCO (measured in benchmarks/loader_memory.py). One array is a handful of objects, read
+    without touching the others, and its pickles are several times smaller than the objects.
+    """
+
+    def __init__(self, items: Iterable[Any]) -> None:
+        blobs = [pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL) for item in items]
+        self._ends = np.cumsum([len(b) for b in blobs], dtype=np.int64)
+        self._bytes = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, index: int) -> Any:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        index %= len(self)
+        start = int(self._ends[index - 1]) if index else 0
+        return pickle.loads(self._bytes[start : int(self._ends[index])])
+
+
 class LabelledDataset(Dataset):
     """Labelled COCO images with LSJ; image and masks decoded once per sample.
 
@@ -79,16 +107,17 @@ class LabelledDataset(Dataset):
         self, dataset: CocoDataset, images_dir: Path, augment: LabelledAugment, seed: int
     ) -> None:
         self.dataset = dataset
+        self.records = PickledList(dataset.images)  # read in the workers instead of .images
         self.images_dir = Path(images_dir)
         self.augment = augment
         self.seed = seed
 
     def __len__(self) -> int:
-        return len(self.dataset.images)
+        return len(self.records)
 
     def __getitem__(self, key: SampleKey) -> dict[str, Any]:
         index, draw = _split_key(key)
-        record = self.dataset.images[index]
+        record = self.records[index]
         image = read_image(
             self.images_dir / record.file_name, expected_size=(record.height, record.width)
         )
@@ -111,7 +140,7 @@ class UnlabelledDataset(Dataset):
     def __init__(
         self, images: Sequence[UnlabelledImage], augment: UnlabelledAugment, seed: int
     ) -> None:
-        self.images = list(images)
+        self.images = PickledList(images)
         self.augment = augment
         self.seed = seed
 
