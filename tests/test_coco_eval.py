@@ -2,6 +2,7 @@ import contextlib
 import copy
 import io
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -357,3 +358,29 @@ def test_an_area_that_is_not_a_positive_number_is_taken_from_the_mask(area):
     metrics = evaluate_masks(gt, [result(1, 3, mask, 0.9)])
     assert metrics["APm"] == pytest.approx(100.0)
     assert metrics["APs"] is None
+
+
+def test_ground_truth_images_predict_did_not_read_are_named(tmp_path):
+    sizes = {1: (16, 16), 2: (16, 16), 3: (16, 16)}
+    objects = [(i, 3, square(16, 1, 1, 5)) for i in sizes]
+    gt = make_gt(sizes, objects)
+    gt_path = tmp_path / "gt.json"
+    gt_path.write_text(json.dumps(gt))
+    out = tmp_path / "pred"
+    out.mkdir()
+    # `gdistill predict` read 1.png and 2.png only (3.png lies elsewhere): one result each.
+    results = [dict(result(k + 1, 3, square(16, 1, 1, 5), 0.9), file_name=f"{i}.png")
+               for k, i in enumerate((1, 2))]
+    write_results(results, out / "predictions.json")
+    listing = {"images": [{"id": k + 1, "file_name": f"{i}.png", "height": 16, "width": 16}
+                          for k, i in enumerate((1, 2))]}
+    (out / "images.json").write_text(json.dumps(listing))
+    with pytest.warns(UserWarning, match=r"images.json: 1 of the 3 ground-truth images were not "
+                      r"read by `gdistill predict` \(first: '3.png'\) and count as complete misses"):
+        metrics = evaluate_results_file(gt_path, out / "predictions.json")
+    assert metrics["AR100"] == pytest.approx(100 * 2 / 3)
+    listing["images"].append({"id": 3, "file_name": "3.png", "height": 16, "width": 16})
+    (out / "images.json").write_text(json.dumps(listing))  # read, but nothing found in it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate_results_file(gt_path, out / "predictions.json")

@@ -312,6 +312,14 @@ def test_load_model_rejects_a_batch_size_below_one(checkpoint, batch_size):
         predictor.predict(np.zeros((16, 16, 3), np.uint8), batch_size=batch_size)
 
 
+@pytest.mark.parametrize("threshold", ["0.5", 2.0, -1, True])
+def test_load_model_rejects_a_score_threshold_outside_0_1(checkpoint, threshold):
+    predictor = load_model(checkpoint, device="cpu")
+    with pytest.raises(GdistillError, match=r"score_threshold must lie in \[0, 1\], got"):
+        predictor.predict(np.zeros((16, 16, 3), np.uint8), score_threshold=threshold)
+    assert len(predictor.predict(np.zeros((16, 16, 3), np.uint8), score_threshold=np.float32(1))) == 1
+
+
 def test_outputs_to_instances_sorts_by_score_as_predict_does():
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(1, NUM_QUERIES, 4, generator=generator)

@@ -74,6 +74,16 @@ def test_folder_recursive_sorted_filtered(tmp_path):
     assert [u.key for u in unlabelled_from_folder(root)] == keys
 
 
+def test_folder_reads_gif_and_netpbm_and_names_the_picture_types_it_leaves_out(tmp_path):
+    root = tmp_path / "pool"
+    for name in ["a.gif", "b.ppm", "c.pgm", "d.JFIF", "e.tga", "f.ico"]:
+        save_image(root / name)
+    (root / "scan.pdf").write_text("x")  # a document, not a photo: no word about it
+    with pytest.warns(UserWarning, match=r"pool: 2 image files of other types \(.ico, .tga\) left out"):
+        images = unlabelled_from_folder(root)
+    assert [u.key for u in images] == ["a.gif", "b.ppm", "c.pgm", "d.JFIF"]
+
+
 def test_folder_follows_linked_folders_once(tmp_path):
     save_image(tmp_path / "elsewhere" / "b.png")
     root = tmp_path / "pool"

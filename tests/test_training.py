@@ -12,7 +12,7 @@ from gdistill.config import load_config
 from gdistill.data.coco import load_coco
 from gdistill.data.sources import unlabelled_from_coco
 from gdistill.data.synthetic import generate_synthetic
-from gdistill.engine.checkpoint import load_checkpoint
+from gdistill.engine.checkpoint import load_checkpoint, save_checkpoint
 from gdistill.engine.trainer import TrainingData, train
 from gdistill.errors import GdistillError
 from gdistill.inference import load_model
@@ -171,6 +171,17 @@ def test_resuming_a_finished_run_says_so_and_trains_nothing(tiny_data, stage_a, 
     err = capsys.readouterr().err
     assert "last.pt: the run has finished (iteration 4 of 4); nothing left to train" in err
     assert (run / "last.pt").stat().st_mtime_ns == before
+
+
+def test_resuming_with_another_number_of_processes_is_refused(tiny_data, stage_a, tmp_path):
+    payload = load_checkpoint(stage_a / "last.pt")
+    payload.update(step=2, rng=[payload["rng"], payload["rng"]])  # as saved by 2 torchrun ranks
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(payload, run / "last.pt")
+    with pytest.raises(GdistillError, match=r"last.pt: saved by 2 processes, resumed with 1; "
+                       r"resume with as many \(torchrun --nproc_per_node 2\)"):
+        train(load_config("demo", TINY), run, tiny_data, resume=True, progress=False)
 
 
 def test_distillation_rejects_a_stage_a_ema(tiny_data, stage_a, tmp_path):
@@ -373,3 +384,28 @@ def test_schedule_points_past_the_end_of_the_run_are_named(tiny_data, stage_a, t
         warnings.simplefilter("always")
         train(cfg, tmp_path / "a", tiny_data, progress=False)
     assert not [w for w in caught if "ends before" in str(w.message)]
+
+
+def test_a_validation_set_without_objects_is_refused(tiny_data, tmp_path):
+    from dataclasses import replace
+
+    no_objects = replace(
+        tiny_data.val, images=[replace(img, annotations=[]) for img in tiny_data.val.images]
+    )
+    cfg = load_config("demo", [*TINY, "solver.max_iters=1"])
+    with pytest.raises(GdistillError, match=r"no image has a non-crowd annotation, so there is no "
+                       r"mask AP to compute \(an unlabelled file of `gdistill split`\?\)"):
+        train(cfg, tmp_path / "run", replace(tiny_data, val=no_objects), progress=False)
+
+
+def test_images_with_more_objects_than_queries_are_named(tiny_data):
+    from gdistill.engine.trainer import _warn_more_objects_than_queries
+
+    counts = [len(img.annotations) for img in tiny_data.labelled.images]
+    most = max(counts)
+    with pytest.warns(UserWarning, match=rf"{sum(c > 1 for c in counts)} labelled images have more "
+                      rf"objects than model.num_queries=1 \(image \d+: {most}\)"):
+        _warn_more_objects_than_queries(tiny_data.labelled, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_more_objects_than_queries(tiny_data.labelled, most)

@@ -39,6 +39,19 @@ def test_class_colors_are_fixed_and_distinct():
     assert colors == [class_color(c) for c in range(40)]
 
 
+def test_label_font_draws_accented_greek_and_cyrillic_letters():
+    from gdistill.viz import _font
+
+    font = _font(12)
+
+    def glyph(char):
+        return np.asarray(font.getmask(char)).tobytes()
+
+    missing = glyph("\u732b")  # a CJK letter: the font's "missing glyph" box
+    assert all(glyph(c) != missing for c in "éßüñΩЖ")
+    assert glyph("é") != glyph("e")
+
+
 def test_overlay_blends_masks_draws_contours_and_labels_and_drops_low_scores():
     image = np.full((64, 96, 3), 100, np.uint8)
     masks = np.zeros((2, 64, 96), bool)
@@ -221,3 +234,9 @@ def test_report_shows_the_ema_model_of_a_stage_a_run(tmp_path, capsys):
     assert "| final EMA model AP | 13.00 (iteration 200) |" in summary
     assert "final teacher AP" not in summary
     assert _png(run / "report" / "ap.png").std() > 5
+
+
+def test_report_table_cells_stay_one_cell():
+    from gdistill.report import _cell
+
+    assert _cell("classes: 2: a|b, long\nname") == "classes: 2: a\\|b, long name"

@@ -1,4 +1,5 @@
-"""The tiny model and data sizes the end-to-end tests train with (64 px, 8 queries, 2 layers)."""
+"""The tiny model and data sizes the end-to-end tests train with (64 px, 2 layers, 12 queries:
+the most objects a synthetic image holds)."""
 
 TINY = [
     "data.image_size=64",
@@ -8,7 +9,7 @@ TINY = [
     "data.unlabelled_batch_size=2",
     "model.hidden_dim=32",
     "model.mask_dim=32",
-    "model.num_queries=8",
+    "model.num_queries=12",
     "model.dec_layers=2",
     "model.dim_feedforward=64",
     "model.enc_dim_feedforward=64",

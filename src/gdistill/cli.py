@@ -370,7 +370,10 @@ def _training_data(args: argparse.Namespace, with_unlabelled: bool):
     labelled = _load_annotations(args.labelled, args.skip_invalid_annotations)
     val = _load_annotations(args.val, args.skip_invalid_annotations) if args.val else None
     if val is not None and val.class_names != labelled.class_names:
-        raise GdistillError(f"{args.val}: classes differ from {args.labelled}")
+        raise GdistillError(
+            f"{args.val}: classes {val.class_names} differ from {args.labelled}'s "
+            f"{labelled.class_names}"
+        )
     unlabelled = source = root = None
     if with_unlabelled:
         source, root = args.unlabelled, args.unlabelled_images or args.images
@@ -598,8 +601,10 @@ def _check_output(args: argparse.Namespace) -> None:
 
 
 def _warning_line(message, category, filename, lineno, line=None) -> str:
-    """Warnings on the command line as the errors are: one line, no source location."""
-    return f"warning: {' '.join(str(message).split())}\n"
+    """Warnings on the command line as the errors are: one line, no source location; under
+    torchrun the ranks after the first say which they are."""
+    rank = int(os.environ.get("RANK", "0"))  # set by torchrun
+    return f"warning{f' (rank {rank})' if rank else ''}: {' '.join(str(message).split())}\n"
 
 
 def main(argv: list[str] | None = None) -> int:

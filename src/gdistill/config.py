@@ -62,7 +62,7 @@ class ModelConfig:
     mask_dim: int = 256
     pixel_mean: tuple[float, float, float] = IMAGENET_MEAN  # images enter the model in [0, 1]
     pixel_std: tuple[float, float, float] = IMAGENET_STD
-    size_divisibility: int = 32  # batches are padded to a multiple (the model pads to 32 in any case)
+    size_divisibility: int = 32  # batches are padded to a multiple (the model itself does not pad)
     detections_per_image: int = 100
 
 

@@ -8,6 +8,7 @@ instances = model.predict("a.jpg")              # one image: a list of one
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Iterator, Sequence
 from functools import partial
@@ -78,6 +79,11 @@ class Predictor:
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise GdistillError(f"predict: batch_size must be a positive integer, got {batch_size!r}")
+        threshold_is_number = isinstance(score_threshold, numbers.Real) and not isinstance(
+            score_threshold, bool
+        )
+        if not (threshold_is_number and 0.0 <= score_threshold <= 1.0):
+            raise GdistillError(f"predict: score_threshold must lie in [0, 1], got {score_threshold!r}")
         samples = []
         for index, image in enumerate(_as_image_list(images)):
             tensor = image_to_tensor(image, f"predict: image {index}")

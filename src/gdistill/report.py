@@ -213,7 +213,7 @@ def _summary(
             )
     lines = [f"# Run report: {run_dir.name}", ""]
     if rows:
-        lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
+        lines += ["| | |", "|---|---|"] + [f"| {k} | {_cell(v)} |" for k, v in rows] + [""]
     else:
         lines += ["No run.json, config.yaml or eval.csv found.", ""]
     titles = {
@@ -230,6 +230,11 @@ def _summary(
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """A Markdown table cell: one line, ``|`` escaped (class names may hold either)."""
+    return " ".join(str(text).split()).replace("|", "\\|")
 
 
 def write_report(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import colorsys
 import csv
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib import colormaps
+from matplotlib import colormaps, get_data_path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
@@ -46,7 +47,14 @@ def class_color(label: int) -> tuple[int, int, int]:
     return tuple(int(round(255 * c)) for c in rgb)
 
 
+@functools.lru_cache(maxsize=4)
 def _font(size: int = 12) -> ImageFont.ImageFont:
+    # matplotlib's DejaVu Sans draws accented Latin, Greek and Cyrillic class names, where
+    # Pillow's default font has ASCII glyphs only (é, ß, Ж came out as boxes).
+    try:
+        return ImageFont.truetype(str(Path(get_data_path()) / "fonts/ttf/DejaVuSans.ttf"), size)
+    except OSError:
+        pass
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: a fixed bitmap font

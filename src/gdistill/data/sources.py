@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from gdistill.data.coco import check_image_header, load_coco
 from gdistill.errors import GdistillError, UnreadableImageError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm",
+    ".pgm", ".pnm",
+)
+# Pillow opens these too, but they are documents, video or science data, not photos.
+_NOT_PHOTOS = {".pdf", ".eps", ".ps", ".h5", ".hdf", ".mpeg", ".mpg", ".grib", ".bufr", ".fit",
+               ".fits", ".wmf", ".emf"}
 
 
 @dataclass
@@ -45,6 +53,14 @@ def unlabelled_from_coco(
     return images
 
 
+@functools.cache
+def _other_image_types() -> frozenset[str]:
+    """Picture extensions Pillow reads that are not in IMAGE_EXTENSIONS (.jp2, .tga, .ico, ...)."""
+    from PIL import Image
+
+    return frozenset(Image.registered_extensions()) - set(IMAGE_EXTENSIONS) - _NOT_PHOTOS
+
+
 def unlabelled_from_folder(
     folder: str | Path, skipped: list[str] | None = None
 ) -> list[UnlabelledImage]:
@@ -61,7 +77,7 @@ def unlabelled_from_folder(
         raise GdistillError(f"{folder}: image folder does not exist")
     if not folder.is_dir():
         raise GdistillError(f"{folder}: not a folder")
-    keys = []
+    keys, other_types = [], []
     seen: set[str] = set()  # real paths walked: linked folders are followed, loops are not
     for root, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
@@ -72,8 +88,19 @@ def unlabelled_from_folder(
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         rel_root = Path(root).relative_to(folder)
         for name in files:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+            if name.startswith("."):
+                continue
+            if name.lower().endswith(IMAGE_EXTENSIONS):
                 keys.append((rel_root / name).as_posix())
+            elif os.path.splitext(name)[1].lower() in _other_image_types():
+                other_types.append(os.path.splitext(name)[1].lower())
+    if other_types:
+        kinds = ", ".join(sorted(set(other_types)))
+        warnings.warn(
+            f"{folder}: {len(other_types)} image files of other types ({kinds}) left out; "
+            f"convert them to one of {', '.join(IMAGE_EXTENSIONS)} to use them",
+            stacklevel=2,
+        )
     if not keys:
         raise GdistillError(
             f"{folder}: no images found (searched recursively for {', '.join(IMAGE_EXTENSIONS)})"

@@ -174,11 +174,12 @@ class PseudoLabelQuality:
 
     def summary(self) -> dict[str, float | None]:
         """``{"pl_precision@0.7": .., "pl_recall@0.7": .., "pl_recall_small@0.7": .., ...}`` for
-        each t; a size's recall is None when the ground truth has no object of that size."""
+        each t; precision is None when no pseudo-label is kept at t, a recall None when the
+        ground truth has no object (of that size)."""
         out: dict[str, float | None] = {}
         for i, (t, tp, n) in enumerate(zip(self.thresholds, self.tp, self.num_pred, strict=True)):
-            out[f"pl_precision@{t:g}"] = tp / n if n else 0.0
-            out[f"pl_recall@{t:g}"] = tp / self.num_gt if self.num_gt else 0.0
+            out[f"pl_precision@{t:g}"] = tp / n if n else None  # no pseudo-label kept
+            out[f"pl_recall@{t:g}"] = tp / self.num_gt if self.num_gt else None
             for (name, _, _), found, total in zip(
                 SIZE_RANGES, self.found_by_size[i], self.num_gt_by_size, strict=True
             ):

@@ -26,6 +26,12 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun set it (0 without torchrun), known before the process
+    group is joined."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_distributed(device_name: str) -> torch.device:
     """Join the process group when launched by torchrun and return this process's device."""
     env_world = int(os.environ.get("WORLD_SIZE", "1"))

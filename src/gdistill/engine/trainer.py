@@ -10,6 +10,7 @@ Read it top to bottom: set-up, resume, then one iteration = (teacher or EMA upda
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
@@ -19,6 +20,7 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -214,6 +216,21 @@ def trainable_images(dataset: CocoDataset) -> CocoDataset:
     return replace(dataset, images=kept)
 
 
+def _warn_more_objects_than_queries(dataset: CocoDataset, num_queries: int) -> None:
+    """The model predicts at most ``num_queries`` objects per image; the matcher leaves the others
+    of a more crowded image unmatched."""
+    counts = [(sum(not a.iscrowd for a in img.annotations), img.id) for img in dataset.images]
+    crowded = [c for c in counts if c[0] > num_queries]
+    if crowded:
+        most, image_id = max(crowded)
+        warnings.warn(
+            f"{dataset.path}: {len(crowded)} labelled images have more objects than "
+            f"model.num_queries={num_queries} (image {image_id!r}: {most}); the model predicts "
+            f"at most {num_queries} per image, raise model.num_queries to learn them all",
+            stacklevel=3,
+        )
+
+
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
     model.eval()
     for p in model.parameters():
@@ -237,6 +254,16 @@ def _add_scalars(writer, row: dict, prefix: str) -> None:
         if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
             writer.add_scalar(f"{prefix}/{key}", value, row["step"])
     writer.flush()
+
+
+@contextlib.contextmanager
+def _setup_warnings_from_first_rank() -> Iterator[None]:
+    """Under torchrun every rank checks the same config and data: only the first says what it
+    found."""
+    with warnings.catch_warnings():
+        if distributed.launched_rank() > 0:
+            warnings.simplefilter("ignore")
+        yield
 
 
 def _warn_config_ignored_on_resume(given: Config, run: Config, state_path: Path) -> None:
@@ -359,10 +386,11 @@ def _train(
     if resumed is not None:
         state, state_path = resumed
         run_cfg = config_from_dict(state["config"], str(state_path))
-        _warn_config_ignored_on_resume(cfg, run_cfg, state_path)
+        with _setup_warnings_from_first_rank():
+            _warn_config_ignored_on_resume(cfg, run_cfg, state_path)
+            _check_resumed_run(state, state_path, out_dir, data)
         cfg = run_cfg
         stage = state["stage"]
-        _check_resumed_run(state, state_path, out_dir, data)
     else:
         state = None
         stage = "distill" if teacher_checkpoint else "teacher"
@@ -382,9 +410,16 @@ def _train(
             "config key 'solver.ema_decay' is for `gdistill train`; in distillation the teacher is "
             "the moving average of the student (distill.ema_decay)"
         )
-    labelled = trainable_images(data.labelled)
+    with _setup_warnings_from_first_rank():
+        labelled = trainable_images(data.labelled)
+        _warn_more_objects_than_queries(labelled, cfg.model.num_queries)
     check_image_files(labelled, data.images_dir)
     if data.val is not None:
+        if not any(not a.iscrowd for img in data.val.images for a in img.annotations):
+            raise GdistillError(
+                f"{data.val.path}: no image has a non-crowd annotation, so there is no mask AP to "
+                "compute (an unlabelled file of `gdistill split`?); pass annotated validation images"
+            )
         check_image_files(data.val, data.val_images_dir)
 
     device = distributed.init_distributed(cfg.device) or resolve_device(cfg.device)
@@ -437,7 +472,8 @@ def _train(
     from_checkpoint = state is not None or init_payload is not None
     student_cfg = _no_download(copy.deepcopy(cfg)) if from_checkpoint else cfg
     if (
-        not from_checkpoint
+        main_process
+        and not from_checkpoint
         and student_cfg.model.frozen_bn
         and not student_cfg.model.pretrained
         and not student_cfg.model.backbone_weights
@@ -482,11 +518,14 @@ def _train(
         best_ap = state["best_ap"]
         last_eval = state.get("last_eval", {})
         rng = state["rng"]
-        if isinstance(rng, list):  # one state per rank
-            if len(rng) != world:
-                raise GdistillError(f"{state_path}: saved by {len(rng)} processes, resumed with {world}")
-            rng = rng[rank]
-        set_rng_state(rng)
+        # One state per rank; the data stream is sharded by rank as well.
+        saved_by = len(rng) if isinstance(rng, list) else 1
+        if saved_by != world:
+            raise GdistillError(
+                f"{state_path}: saved by {saved_by} process{'es' if saved_by > 1 else ''}, "
+                f"resumed with {world}; resume with as many (torchrun --nproc_per_node {saved_by})"
+            )
+        set_rng_state(rng[rank] if isinstance(rng, list) else rng)
         if start_step >= cfg.solver.max_iters and main_process:
             print(
                 f"{state_path}: the run has finished (iteration {start_step} of "
@@ -843,7 +882,7 @@ def _train(
             if last_eval.get("student_AP") is not None:
                 postfix["AP"] = f"{last_eval['student_AP']:.1f}"
                 precision_key = f"teacher_pl_precision@{dist.score_threshold:g}"
-                if precision_key in last_eval:
+                if last_eval.get(precision_key) is not None:
                     postfix["pl_prec"] = f"{last_eval[precision_key]:.2f}"
             bar.set_postfix(postfix)
             window, window_steps, t_window = {}, 0, time.perf_counter()

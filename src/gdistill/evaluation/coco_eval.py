@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,11 @@ def evaluate_results_file(
     loaded and checked COCO dict (``gdistill eval``)."""
     results = load_results(results_path)
     ground_truth = annotations if isinstance(annotations, dict) else Path(annotations)
-    return _evaluate(ground_truth, results, per_class, None, str(results_path))
+    listing = Path(results_path).with_name("images.json")
+    return _evaluate(
+        ground_truth, results, per_class, None, str(results_path),
+        listing if listing.is_file() else None,
+    )
 
 
 def format_metrics_table(metrics: dict) -> str:
@@ -171,11 +176,14 @@ def _evaluate(
     per_class: bool,
     image_ids: Sequence[int] | None,
     results_source: str,
+    predict_listing: Path | None = None,
 ) -> dict:
     gt_dataset, gt_source = _load_ground_truth(ground_truth)
     # Results from a file were checked in full when loaded (load_results).
     _check_results(results, results_source, decode_strings=False)
     images = {img["id"]: img for img in gt_dataset["images"]}
+    if predict_listing is not None:
+        _warn_images_not_predicted(predict_listing, images)
     results = _match_file_names(results, images, results_source)
     detections = _prepare_results(results, images, gt_dataset["categories"], results_source)
 
@@ -365,14 +373,8 @@ def _check_results(results: Any, source: str, decode_strings: bool = True) -> No
                 )
 
 
-def _match_file_names(results: list[dict], images: dict[int, dict], source: str) -> list[dict]:
-    """Results that all carry a ``file_name`` (``gdistill predict`` numbers its images 1..N in
-    sorted file order, relative to the folder it read) get the id of the ground-truth image with
-    that file name, or whose path ends with it ("a.jpg" matches "val/a.jpg"), or that it ends
-    with ("/data/val/a.jpg" matches "val/a.jpg"). If no file name matches, the ids are kept
-    (another naming); if some do, one that does not is an error."""
-    if not results or not all(isinstance(r.get("file_name"), str) for r in results):
-        return results
+def _ids_of_file_names(names: list[str], images: dict[int, dict]) -> list[list[int]]:
+    """For each name, the ids of the ground-truth images it names (see _match_file_names)."""
     by_suffix: dict[str, list[int]] = {}
     by_name: dict[str, list[int]] = {}
     for img in images.values():
@@ -382,14 +384,49 @@ def _match_file_names(results: list[dict], images: dict[int, dict], source: str)
         for k in range(len(parts)):
             by_suffix.setdefault("/".join(parts[k:]), []).append(img["id"])
     found = []
-    for r in results:
-        name = r["file_name"].replace("\\", "/")
+    for name in names:
+        name = name.replace("\\", "/")
         ids = by_name.get(name) if len(by_name.get(name, ())) == 1 else by_suffix.get(name)
         if ids is None:
             parts = name.split("/")
             ids = next((by_name[s] for k in range(1, len(parts))
                         if (s := "/".join(parts[k:])) in by_name), [])
         found.append(ids)
+    return found
+
+
+def _warn_images_not_predicted(listing: Path, images: dict[int, dict]) -> None:
+    """``gdistill predict`` lists the images it read in ``images.json`` beside its results. A
+    ground-truth image it did not read (outside its folder, or skipped as unreadable) has no
+    result, and counts as a complete miss: say so."""
+    try:
+        names = [img["file_name"] for img in json.loads(listing.read_text())["images"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not predict's listing
+    if not all(isinstance(n, str) for n in names):
+        return
+    read = {i for ids in _ids_of_file_names(names, images) if len(ids) == 1 for i in ids}
+    if not read:
+        return  # another naming
+    missing = [img for i, img in images.items() if i not in read]
+    if missing:
+        warnings.warn(
+            f"{listing}: {len(missing)} of the {len(images)} ground-truth images were not read by "
+            f"`gdistill predict` (first: {missing[0].get('file_name')!r}) and count as complete "
+            "misses; predict from the ground truth's image root to score them",
+            stacklevel=3,
+        )
+
+
+def _match_file_names(results: list[dict], images: dict[int, dict], source: str) -> list[dict]:
+    """Results that all carry a ``file_name`` (``gdistill predict`` numbers its images 1..N in
+    sorted file order, relative to the folder it read) get the id of the ground-truth image with
+    that file name, or whose path ends with it ("a.jpg" matches "val/a.jpg"), or that it ends
+    with ("/data/val/a.jpg" matches "val/a.jpg"). If no file name matches, the ids are kept
+    (another naming); if some do, one that does not is an error."""
+    if not results or not all(isinstance(r.get("file_name"), str) for r in results):
+        return results
+    found = _ids_of_file_names([r["file_name"] for r in results], images)
     if not any(found):
         return results
     matched = []

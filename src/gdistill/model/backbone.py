@@ -14,8 +14,9 @@ Two kinds of trunk:
   ceil(H/s) x ceil(W/s). The conv is applied before the resize, which gives the same result as
   the paper's resize-then-conv (nearest resizing only copies pixels) at a fraction of the cost.
 
-Output sizes are ceil(H/s) x ceil(W/s), which is what strided convolutions give; the model pads
-its input to a multiple of 32, so in practice they are exactly H/s x W/s.
+Output sizes are ceil(H/s) x ceil(W/s), which is what strided convolutions give; batches are
+padded to a multiple of ``model.size_divisibility`` (32), so in training and evaluation they are
+exactly H/s x W/s.
 
 Input normalisation is not done here; the model normalises images before the backbone.
 """
@@ -391,7 +392,7 @@ class TimmBackbone(nn.Module):
         as one line instead of timm's traceback."""
         try:
             return fn(x)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError only from torch 2.5
             raise
         except (RuntimeError, AssertionError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
