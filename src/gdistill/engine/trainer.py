@@ -395,11 +395,11 @@ def _train(
         state = None
         stage = "distill" if teacher_checkpoint else "teacher"
     is_distill = stage == "distill"
-    dist_cfg = cfg.distill
-    if is_distill and dist_cfg.student_init == "pretrained" and (
-        dist_cfg.burn_in == "none" or dist_cfg.burnin_iters == 0
+    distill_cfg = cfg.distill
+    if is_distill and distill_cfg.student_init == "pretrained" and (
+        distill_cfg.burn_in == "none" or distill_cfg.burnin_iters == 0
     ):
-        given = "distill.burn_in=none" if dist_cfg.burn_in == "none" else "distill.burnin_iters=0"
+        given = "distill.burn_in=none" if distill_cfg.burn_in == "none" else "distill.burnin_iters=0"
         raise GdistillError(
             f"{given} hands the teacher over to the student at step 0: with "
             "distill.student_init=pretrained the stage-A teacher would never be used; "
