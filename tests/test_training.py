@@ -409,3 +409,15 @@ def test_images_with_more_objects_than_queries_are_named(tiny_data):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _warn_more_objects_than_queries(tiny_data.labelled, most)
+
+
+def test_evaluation_line_names_each_model_and_the_labellers_pseudo_labels():
+    from gdistill.engine.trainer import evaluation_line
+
+    row = {"student_AP": 31.234, "teacher_AP": 30.1, "ema_AP": None, "teacher_pl_precision@0.7": 0.65,
+           "teacher_pl_recall@0.7": 0.5214, "teacher_pl_precision@0.5": 0.4}
+    assert evaluation_line(200, 270, row, "teacher", 0.7) == (
+        "[eval] iteration 200/270: student AP 31.23, teacher AP 30.10; teacher's pseudo-labels at "
+        "score > 0.7: precision 0.650, recall 0.521"
+    )
+    assert evaluation_line(5, 9, {"student_AP": None}, "student", 0.7) == "[eval] iteration 5/9: no AP"

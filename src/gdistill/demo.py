@@ -353,8 +353,8 @@ def _write_plot(out_dir: Path, per_seed: dict) -> None:
         start = [(0, results["teacher"]["AP"])] if results["teacher"].get("AP") is not None else []
         for arm in ARMS:
             curve = start + [(s, v) for s, v in results[arm]["curve"] if v is not None]
+            label = arm if seed == next(iter(per_seed)) else None
             if curve:
-                label = arm if seed == next(iter(per_seed)) else None
                 ax_ap.plot(*zip(*curve, strict=True), color=colours[arm], label=label, marker="o")
             pl = [(s, v) for s, v in results[arm].get("pl_precision", []) if v is not None]
             if pl:
@@ -366,8 +366,9 @@ def _write_plot(out_dir: Path, per_seed: dict) -> None:
         ylabel="precision",
         ylim=(0, 1),
     )
-    ax_ap.legend()
-    ax_pl.legend()
+    for ax in (ax_ap, ax_pl):
+        if ax.get_lines():
+            ax.legend()
     fig.tight_layout()
     fig.savefig(out_dir / "demo_curves.png", dpi=100)
     plt.close(fig)

@@ -467,7 +467,7 @@ def _plot_pseudo_label_quality(evals: dict[str, list[str]], path: Path) -> Path 
         ax.set_ylim(-0.02, 1.02)
         ax.set_ylabel(what)
         ax.set_title(f"{who} pseudo-label {what} (IoU >= 0.5, right class)")
-        if keys:
+        if ax.get_lines():  # none where e.g. no pseudo-label passed any threshold yet
             ax.legend(fontsize=8)
     if not drawn:
         return None

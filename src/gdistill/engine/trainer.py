@@ -216,6 +216,20 @@ def trainable_images(dataset: CocoDataset) -> CocoDataset:
     return replace(dataset, images=kept)
 
 
+def evaluation_line(step: int, max_iters: int, row: dict, labeller: str, threshold: float) -> str:
+    """One evaluation's numbers as a log line: the AP of each model evaluated, and the
+    pseudo-label precision and recall of ``labeller`` (the model that makes them) at the
+    configured score threshold."""
+    aps = [f"{who} AP {row[f'{who}_AP']:.2f}" for who in ("student", "teacher", "ema")
+           if row.get(f"{who}_AP") is not None]
+    parts = [", ".join(aps) or "no AP"]
+    quality = [f"{kind} {value:.3f}" for kind in ("precision", "recall")
+               if (value := row.get(f"{labeller}_pl_{kind}@{threshold:g}")) is not None]
+    if quality:
+        parts.append(f"{labeller}'s pseudo-labels at score > {threshold:g}: {', '.join(quality)}")
+    return f"[eval] iteration {step}/{max_iters}: {'; '.join(parts)}"
+
+
 def _warn_more_objects_than_queries(dataset: CocoDataset, num_queries: int) -> None:
     """The model predicts at most ``num_queries`` objects per image; the matcher leaves the others
     of a more crowded image unmatched."""
@@ -728,20 +742,22 @@ def _train(
     # ---- the loop
     dist = cfg.distill
     max_iters = cfg.solver.max_iters
+    if main_process and start_step < max_iters:  # after every input check: errors come first
+        _warn_schedule_past_the_end(cfg, is_distill)
     bar = tqdm(
         total=max_iters,
         initial=start_step,
         disable=not progress,
         dynamic_ncols=True,
         desc="distill" if is_distill else "train",
+        # Written to a file (a cluster job's log), the bar is one more line per update.
+        mininterval=0.1 if sys.stderr.isatty() else 30.0,
     )
     window: dict[str, float] = {}
     window_steps = 0
     nonfinite_in_a_row = 0
     skipped_steps = 0
     t_window = time.perf_counter()
-    if main_process and start_step < max_iters:  # after every input check: errors come first
-        _warn_schedule_past_the_end(cfg, is_distill)
     stop.armed = True
     for step in range(start_step, max_iters):
         with_unlabelled = unlabelled_iter is not None and unsupervised_loss_active(
@@ -908,6 +924,10 @@ def _train(
             except Exception as err:
                 # Bad validation data shows up here, eval_period iterations in: keep them.
                 save_then_raise(err, done, f"evaluation at iteration {done} failed")
+            if progress:
+                who = "teacher" if teacher is not None else "student"
+                bar.write(evaluation_line(done, max_iters, last_eval, who, dist.score_threshold),
+                          file=sys.stderr)
             ap = last_eval.get("student_AP")
             ap = -1.0 if ap is None else ap
             if val_loader is not None and ap > best_ap:
