@@ -53,6 +53,29 @@ def test_checkpoint_round_trip_and_atomic_rotation(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+@pytest.mark.parametrize("surfaces_as", ["OSError", "RuntimeError"])
+def test_a_full_disk_while_saving_leaves_no_partial_file_and_says_why(tmp_path, monkeypatch,
+                                                                      surfaces_as):
+    save_checkpoint({"step": 1}, tmp_path / "best.pt")
+
+    def save_onto_a_full_disk(obj, f):
+        f.write(b"x" * 1000)
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            if surfaces_as == "RuntimeError":  # what torch's zip writer raises on closing
+                raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos") from None
+            raise
+
+    monkeypatch.setattr(torch, "save", save_onto_a_full_disk)
+    with pytest.raises(GdistillError, match=r"best.pt: could not save the checkpoint \(No space "
+                       r"left on device; \d+ MiB free there\)"):
+        save_checkpoint({"step": 2}, tmp_path / "best.pt")
+    assert not list(tmp_path.glob(".*.tmp"))
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == 1  # the old file is intact
+
+
 def test_truncated_checkpoint_is_detected_and_previous_used(tmp_path):
     rotate_and_save({"step": 1}, tmp_path)
     rotate_and_save({"step": 2}, tmp_path)

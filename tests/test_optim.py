@@ -55,3 +55,21 @@ def test_optimizer_state_round_trip():
     assert int(state["step"]) == 2
     assert state["exp_avg"].shape == model.head.weight.shape
     assert opt2.param_groups[0]["lr"] == pytest.approx(1e-3)
+
+
+def test_a_fused_adamw_that_cannot_step_is_not_used(monkeypatch):
+    """torch 2.1-2.3 build a fused AdamW for CPU parameters and fail at its first step."""
+
+    class AdamWOfOldTorch(torch.optim.AdamW):
+        def step(self, closure=None):
+            if self.defaults.get("fused"):
+                raise NotImplementedError("Could not run 'aten::_fused_adamw_' with the 'CPU' backend")
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", AdamWOfOldTorch)
+    model = _model()
+    opt = build_optimizer(model, lr=1e-2, weight_decay=0.05, backbone_lr_mult=0.1)
+    assert not any(group.get("fused") for group in opt.param_groups)
+    before = [p.detach().clone() for p in model.parameters()]
+    _train(model, opt, steps=1)
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gdistill.errors import GdistillError
+from gdistill.errors import GdistillError, one_line
 
 CHECKPOINT_FORMAT = "gdistill-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -43,10 +43,27 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
     path = Path(path)
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as exc:
+        # A partial file would keep a full disk full; the file at `path` is still the old one.
+        tmp.unlink(missing_ok=True)
+        if not isinstance(exc, Exception):  # Ctrl-C, SystemExit
+            raise
+        # A full disk surfaces as an OSError, or as torch's zip writer's RuntimeError raised
+        # while it handles that OSError.
+        system = exc if isinstance(exc, OSError) else exc.__context__
+        if isinstance(system, OSError) and system.strerror:
+            reason = system.strerror
+        else:
+            reason = f"{type(exc).__name__}: {one_line(exc)}"
+        free = shutil.disk_usage(path.parent).free / 2**20 if path.parent.is_dir() else 0.0
+        raise GdistillError(
+            f"{path}: could not save the checkpoint ({reason}; {free:.0f} MiB free there)"
+        ) from exc
     os.replace(tmp, path)
 
 
@@ -62,7 +79,8 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     if not path.is_file():
         raise GdistillError(f"{path}: checkpoint not found")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        # str: torch < 2.2 memory-maps only a file named by a string
+        payload = torch.load(str(path), map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as exc:  # torch raises many types for truncated / non-torch files
         raise GdistillError(
             f"{path}: not a readable checkpoint (truncated or corrupt: {type(exc).__name__})"

@@ -515,7 +515,10 @@ def _train(
         model = distributed.wrap_ddp(student, device)
     scheduler = build_scheduler(optimizer, cfg.solver)
     use_scaler = device.type == "cuda" and cfg.solver.amp == "fp16"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    if hasattr(torch.amp, "GradScaler"):
+        scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    else:  # torch < 2.3
+        scaler = torch.cuda.amp.GradScaler(enabled=use_scaler)
 
     start_step, best_ap, last_eval = 0, -1.0, {}
     if state is not None:
