@@ -93,6 +93,7 @@ def test_presets_validate_alone_and_with_the_tiny_test_overrides(name):
     [
         ("solver.lr=nan", "'solver.lr' must be finite, got nan"),
         ("solver.lr=inf", "'solver.lr' must be finite, got inf"),
+        ("loss.class_weight=1e39", r"'loss.class_weight' must be finite, got 1e\+39 \(inf in float32\)"),
         ("solver.lr=0", "'solver.lr' must be > 0, got 0.0"),
         ("solver.lr_gamma=-1", "'solver.lr_gamma' must be > 0, got -1.0"),
         ("solver.weight_decay=-0.1", "'solver.weight_decay' must be >= 0, got -0.1"),

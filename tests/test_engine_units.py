@@ -10,6 +10,7 @@ from gdistill.engine.checkpoint import (
     latest_good_checkpoint,
     load_checkpoint,
     rotate_and_save,
+    run_folder_lock,
     save_checkpoint,
 )
 from gdistill.engine.optim import build_optimizer, lr_factor
@@ -142,3 +143,56 @@ def test_stop_on_signal_before_and_after_arming():
         with pytest.raises(KeyboardInterrupt):  # a second signal does not wait
             os.kill(os.getpid(), signal.SIGINT)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\n"
+         "from gdistill.engine.checkpoint import run_folder_lock\n"
+         f"with run_folder_lock({str(tmp_path)!r}):\n"
+         "    print('held', flush=True); time.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(GdistillError, match=rf"another gdistill run \(process {holder.pid}\) is "
+                           "writing there; wait for it to end or choose another --out"):
+            with run_folder_lock(tmp_path):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_folder_lock(tmp_path):  # free again once the other run has ended
+        pass
+
+
+def test_git_commit_only_of_a_checkout_that_tracks_the_package(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    from gdistill.engine import run_info
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    (tmp_path / ".gitignore").write_text(".venv/\n")
+    package = tmp_path / "src" / "gdistill" / "engine"
+    package.mkdir(parents=True)
+    (package / "run_info.py").write_text("# tracked\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "first")
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert run_info.git_commit(package) == head
+    installed = tmp_path / ".venv" / "site-packages" / "gdistill" / "engine"  # the user's project
+    installed.mkdir(parents=True)
+    (installed / "run_info.py").write_text("# installed copy\n")
+    assert run_info.git_commit(installed) is None
+    assert run_info.git_commit(Path("/")) is None

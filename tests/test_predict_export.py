@@ -320,6 +320,20 @@ def test_load_model_rejects_a_score_threshold_outside_0_1(checkpoint, threshold)
     assert len(predictor.predict(np.zeros((16, 16, 3), np.uint8), score_threshold=np.float32(1))) == 1
 
 
+def test_a_diverged_model_is_named_not_turned_into_no_detections(checkpoint):
+    logits, masks = torch.zeros(1, NUM_QUERIES, 4), torch.zeros(1, NUM_QUERIES, 8, 8)
+    masks[0, 3, 2, 2] = float("nan")
+    with pytest.raises(GdistillError, match=r"^the model's outputs are not finite \(NaN or inf\): "
+                       r"its weights have diverged; train it again with a lower solver.lr$"):
+        instances_from_outputs(logits, masks, [(32, 32)], [(32, 32)])
+    payload = load_checkpoint(checkpoint)
+    bias = next(k for k in payload["model"] if k.endswith("class_embed.bias"))
+    payload["model"][bias] = torch.full_like(payload["model"][bias], float("inf"))
+    save_checkpoint(payload, checkpoint.parent / "diverged.pt")
+    with pytest.raises(GdistillError, match="the model's outputs are not finite"):
+        load_model(checkpoint.parent / "diverged.pt", device="cpu").predict(np.zeros((16, 16, 3), np.uint8))
+
+
 def test_outputs_to_instances_sorts_by_score_as_predict_does():
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(1, NUM_QUERIES, 4, generator=generator)

@@ -421,3 +421,41 @@ def test_evaluation_line_names_each_model_and_the_labellers_pseudo_labels():
         "score > 0.7: precision 0.650, recall 0.521"
     )
     assert evaluation_line(5, 9, {"student_AP": None}, "student", 0.7) == "[eval] iteration 5/9: no AP"
+
+
+def test_a_diverged_teacher_stops_distillation_in_one_line(tiny_data, stage_a, tmp_path):
+    payload = load_checkpoint(stage_a / "best.pt")
+    bias = next(k for k in payload["model"] if k.endswith("class_embed.bias"))
+    payload["model"][bias] = torch.full_like(payload["model"][bias], float("nan"))
+    save_checkpoint(payload, tmp_path / "diverged.pt")
+    cfg = load_config("demo", [*TINY, "solver.max_iters=2", "eval_period=0"])
+    with pytest.raises(GdistillError, match=r"^the teacher's outputs are not finite \(NaN or inf\)"):
+        train(cfg, tmp_path / "run", tiny_data, teacher_checkpoint=tmp_path / "diverged.pt",
+              progress=False)
+
+
+def test_resuming_on_other_data_or_with_another_teacher_is_said(tiny_data, stage_a, tmp_path):
+    from dataclasses import replace
+
+    run = tmp_path / "run"
+    run.mkdir()
+    payload = load_checkpoint(stage_a / "last.pt")
+    payload["step"] = 3
+    save_checkpoint(payload, run / "last.pt")
+    shutil.copy(stage_a / "run.json", run / "run.json")
+    other_val = replace(tiny_data, val=tiny_data.labelled)  # another file as the validation set
+    cfg = load_config("demo", TINY)
+    with pytest.warns(UserWarning, match=r"run: resumed on other data than the run started with: "
+                      r"val .*train.json \(the run: .*val.json\); it goes on with the data given "
+                      r"now \(eval.csv and best.pt now mix two validation sets\)"):
+        train(cfg, run, other_val, resume=True, progress=False)
+    payload["step"] = 3
+    save_checkpoint(payload, run / "last.pt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg, run, tiny_data, resume=True, progress=False,
+              teacher_checkpoint=tmp_path / "elsewhere.pt")
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "other data" in m]  # the run's own data
+    assert [m for m in messages if m.startswith(f"--teacher {tmp_path / 'elsewhere.pt'} is ignored "
+                                                "on resume: the run goes on with its own teacher")]

@@ -452,6 +452,9 @@ _BOUNDS = {
 }
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 def validate_config(cfg: Config) -> None:
     """Reject values that cannot work, naming the key."""
     for key, allowed in _CHOICES.items():
@@ -465,8 +468,11 @@ def validate_config(cfg: Config) -> None:
     for key in _all_keys(Config):
         value = _lookup(cfg, key)
         items = value if isinstance(value, tuple) else (value,)
-        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
-            raise GdistillError(f"config key '{key}' must be finite, got {value}")
+        # Values reach the model as float32, whose largest is 3.4e38 (1e39 would be inf there).
+        huge = [v for v in items if isinstance(v, float) and not abs(v) <= _FLOAT32_MAX]
+        if huge:
+            note = " (inf in float32)" if all(math.isfinite(v) for v in huge) else ""
+            raise GdistillError(f"config key '{key}' must be finite, got {value}{note}")
     for key, bound in _BOUNDS.items():
         value = _lookup(cfg, key)
         items = value if isinstance(value, tuple) else (value,)

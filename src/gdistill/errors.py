@@ -19,6 +19,11 @@ class UnreadableImageError(GdistillError):
     skips instead of stopping."""
 
 
+class NonFiniteOutputsError(GdistillError):
+    """A model whose outputs are NaN or infinite: its weights have diverged, so resuming from
+    them cannot help; training again with a lower learning rate can."""
+
+
 class TrainingStopped(Exception):
     """Training stopped on SIGINT or SIGTERM after saving the checkpoint that ``--resume``
     continues from. The CLI prints the message and exits with 128 + ``signum``, as a process

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +137,38 @@ RUN_FILES = (
     "config.yaml", "run.json", "ranks.json", "metrics.csv", "eval.csv",
 )
 RUN_FOLDERS = ("pictures", "report", "tensorboard")
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``run_dir/.gdistill.lock`` while a run writes there: a second
+    run started into the same folder stops with one line instead of clearing the first one's
+    files and interleaving its own with them. POSIX only (elsewhere, no lock)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".gdistill.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip()
+            raise GdistillError(
+                f"{run_dir}: another gdistill run{f' (process {pid})' if pid else ''} is writing "
+                "there; wait for it to end or choose another --out"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def clear_run(run_dir: str | Path) -> None:

@@ -14,10 +14,18 @@ from gdistill.config import Config, save_config
 from gdistill.errors import GdistillError
 
 
-def git_commit() -> str | None:
-    """The commit of the gdistill source tree, if it is a git checkout."""
-    here = Path(__file__).resolve().parent
+def git_commit(here: Path | None = None) -> str | None:
+    """The commit of the gdistill source tree (the folder ``here`` holding this module's file),
+    if it is a git checkout. An installed copy that merely lies inside another repository (a
+    venv in the user's project) has none."""
+    here = here or Path(__file__).resolve().parent
     try:
+        tracked = subprocess.run(
+            ["git", "ls-files", "--error-unmatch", Path(__file__).name],
+            cwd=here, capture_output=True, text=True, timeout=5,
+        )
+        if tracked.returncode != 0:
+            return None
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
         )

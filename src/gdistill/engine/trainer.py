@@ -72,6 +72,7 @@ from gdistill.engine.checkpoint import (
     load_checkpoint,
     rng_state,
     rotate_and_save,
+    run_folder_lock,
     save_checkpoint,
     set_rng_state,
 )
@@ -79,9 +80,14 @@ from gdistill.engine.evaluate import autocast_for, evaluate_model, validation_pi
 from gdistill.engine.optim import build_optimizer, build_scheduler
 from gdistill.engine.run_info import read_run_info, write_run_info
 from gdistill.engine.stop_signals import StopOnSignal
-from gdistill.errors import GdistillError, TrainingStopped, one_line
+from gdistill.errors import GdistillError, NonFiniteOutputsError, TrainingStopped, one_line
 from gdistill.model.criterion import SetCriterion
-from gdistill.model.mask2former import Mask2Former, build_model, images_to_model_input
+from gdistill.model.mask2former import (
+    Mask2Former,
+    build_model,
+    check_finite_outputs,
+    images_to_model_input,
+)
 from gdistill.model.matcher import HungarianMatcher
 from gdistill.viz import plot_training_curves, save_pseudo_label_grid
 
@@ -352,15 +358,52 @@ def _sum_losses(losses: dict[str, torch.Tensor]) -> torch.Tensor:
     return sum(losses.values())
 
 
-def _check_resumed_run(state: dict, state_path: Path, out_dir: Path, data: TrainingData) -> None:
-    """A resumed run must see the classes it was trained on; resuming without the validation set
-    it was evaluated on is said."""
+def _check_resumed_run(
+    state: dict, state_path: Path, out_dir: Path, data: TrainingData, teacher_checkpoint: Path | None
+) -> None:
+    """A resumed run must see the classes it was trained on; other data than the run started
+    with (run.json), or another teacher, is said."""
     check_class_names(data.labelled.class_names, state.get("class_names", []), str(state_path))
-    evaluated_on = read_run_info(out_dir).get("val")
+    info = read_run_info(out_dir)
+    evaluated_on = info.get("val")
     if evaluated_on and data.val is None:
         warnings.warn(
             f"{out_dir}: the run was evaluated on {evaluated_on}; resumed without --val, it is not "
             "evaluated again and best.pt stays as it was",
+            stacklevel=3,
+        )
+    given = {
+        "labelled": (_resolved(data.labelled.path), len(data.labelled.images)),
+        "val": (_resolved(data.val.path) if data.val else None, len(data.val.images) if data.val else None),
+        "unlabelled": (_resolved(data.unlabelled_source), len(data.unlabelled or [])),
+    }
+    recorded = {
+        "labelled": (info.get("labelled"), info.get("labelled_images")),
+        "val": (evaluated_on, None),
+        "unlabelled": (info.get("unlabelled"), info.get("unlabelled_images")),
+    }
+    changed = []
+    for key, (path, count) in given.items():
+        old_path, old_count = recorded[key]
+        if (key == "val" and path is None) or (key == "unlabelled" and state.get("stage") != "distill"):
+            continue
+        if old_path is not None and path != old_path:
+            changed.append(f"{key} {path} (the run: {old_path})")
+        elif old_count is not None and count != old_count:
+            changed.append(f"{key} with {count} images (the run: {old_count})")
+    if changed:
+        mixed = " (eval.csv and best.pt now mix two validation sets)" if any(
+            c.startswith("val ") for c in changed) else ""
+        warnings.warn(
+            f"{out_dir}: resumed on other data than the run started with: {'; '.join(changed)}; "
+            f"it goes on with the data given now{mixed}",
+            stacklevel=3,
+        )
+    started_from = info.get("teacher_checkpoint")
+    if teacher_checkpoint is not None and _resolved(teacher_checkpoint) != started_from:
+        warnings.warn(
+            f"--teacher {teacher_checkpoint} is ignored on resume: the run goes on with its own "
+            f"teacher, saved in {state_path.name} (it started from {started_from})",
             stacklevel=3,
         )
 
@@ -378,7 +421,9 @@ def train(
     resuming a stage-B run). ``init_weights``: start stage A from the model of a checkpoint (its
     architecture is used) instead of a fresh model. SIGINT or SIGTERM during the iterations saves
     ``last.pt`` at the end of the current one and raises :class:`TrainingStopped`."""
-    with StopOnSignal() as stop:
+    # One writer per run folder: under torchrun the first rank writes for all.
+    lock = run_folder_lock(out_dir) if distributed.launched_rank() == 0 else contextlib.nullcontext()
+    with lock, StopOnSignal() as stop:
         return _train(cfg, out_dir, data, teacher_checkpoint, resume, progress, init_weights, stop)
 
 
@@ -402,7 +447,7 @@ def _train(
         run_cfg = config_from_dict(state["config"], str(state_path))
         with _setup_warnings_from_first_rank():
             _warn_config_ignored_on_resume(cfg, run_cfg, state_path)
-            _check_resumed_run(state, state_path, out_dir, data)
+            _check_resumed_run(state, state_path, out_dir, data, teacher_checkpoint)
         cfg = run_cfg
         stage = state["stage"]
     else:
@@ -793,6 +838,7 @@ def _train(
             with torch.no_grad():  # the teacher: eval mode, fp32, weak view
                 weak = images_to_model_input(ubatch["weak"].to(device, non_blocking=True))
                 t_out = teacher(weak)
+                check_finite_outputs(t_out["pred_logits"], t_out["pred_masks"], "the teacher")
                 unsup_targets, step_stats = pseudo_labels_from_teacher(
                     t_out["pred_logits"],
                     t_out["pred_masks"],
@@ -848,7 +894,9 @@ def _train(
                     f"training stopped at step {step}: loss was not finite {nonfinite_in_a_row} "
                     "steps in a row (lower solver.lr, check the data, or use solver.amp=bf16)"
                 )
-            scheduler.step()
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": meant
+                warnings.simplefilter("ignore")
+                scheduler.step()
         else:
             nonfinite_in_a_row = 0
             optimizer.zero_grad(set_to_none=True)
@@ -924,6 +972,8 @@ def _train(
         if (cfg.eval_period > 0 and done % cfg.eval_period == 0) or done == max_iters:
             try:
                 last_eval = evaluate(done)
+            except NonFiniteOutputsError as err:  # diverged weights: nothing to resume from
+                raise GdistillError(f"{err} (evaluation at iteration {done})") from err
             except Exception as err:
                 # Bad validation data shows up here, eval_period iterations in: keep them.
                 save_then_raise(err, done, f"evaluation at iteration {done} failed")
@@ -954,6 +1004,12 @@ def _train(
                 signum,
             )
     bar.close()
+    if main_process and skipped_steps:
+        warnings.warn(
+            f"{skipped_steps} of the {max_iters - start_step} steps of this run were skipped: their "
+            "loss was not finite (skipped_steps in metrics.csv); lower solver.lr if that recurs",
+            stacklevel=2,
+        )
     if main_process:
         plot_training_curves(out_dir)
     if main_process and val_loader is None and not (out_dir / "best.pt").exists():

@@ -453,7 +453,9 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise GdistillError(f"{path}: backbone weights file not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch 2.1 warns on every weights_only load
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         # torch's own messages here are a bare byte value or advice to disable weights_only.
         if "Unsupported global" in str(err):

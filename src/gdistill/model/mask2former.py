@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gdistill.errors import NonFiniteOutputsError
 from gdistill.model.backbone import build_backbone
 from gdistill.model.decoder import MaskedAttentionDecoder
 from gdistill.model.pixel_decoder import MSDeformAttnPixelDecoder
@@ -99,6 +100,16 @@ def images_to_model_input(images: Tensor) -> Tensor:
     return images.float().div_(255.0)
 
 
+def check_finite_outputs(pred_logits: Tensor, pred_masks: Tensor, whose: str) -> None:
+    """Raise NonFiniteOutputsError when the class or mask logits hold NaN or inf: NaN scores
+    would otherwise become no detections (AP 0, no pseudo-label) without a word."""
+    if not (torch.isfinite(pred_logits).all() and torch.isfinite(pred_masks).all()):
+        raise NonFiniteOutputsError(
+            f"{whose}'s outputs are not finite (NaN or inf): its weights have diverged; train "
+            "it again with a lower solver.lr"
+        )
+
+
 @torch.no_grad()
 def instances_from_outputs(
     pred_logits: Tensor,
@@ -114,6 +125,7 @@ def instances_from_outputs(
     masks at. The top-k (query, class) pairs by class probability are kept (a query may appear
     with several classes); score = class probability × mean mask probability inside its mask.
     """
+    check_finite_outputs(pred_logits, pred_masks, "the model")
     batch, num_queries, k1 = pred_logits.shape
     num_classes = k1 - 1
     padded_h, padded_w = pred_masks.shape[-2] * 4, pred_masks.shape[-1] * 4
