@@ -951,7 +951,7 @@ def _train(
                 precision_key = f"teacher_pl_precision@{dist.score_threshold:g}"
                 if last_eval.get(precision_key) is not None:
                     postfix["pl_prec"] = f"{last_eval[precision_key]:.2f}"
-            bar.set_postfix(postfix)
+            bar.set_postfix(postfix, refresh=False)  # shown at the next update
             window, window_steps, t_window = {}, 0, time.perf_counter()
         if (
             main_process
