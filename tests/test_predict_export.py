@@ -444,6 +444,47 @@ def test_onnx_export_matches_pytorch(checkpoint, tmp_path, capsys):
                              (50, 120))
 
 
+def test_onnx_export_of_a_vit_gives_the_instances_of_predict(synth, tmp_path):
+    """A ViT built with dynamic_img_size resamples its position embedding with an operator ONNX
+    lacks; the export fixes it at the export size, with the same numbers."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    cfg = _tiny_config()
+    cfg.model.backbone = "vit_tiny_patch16_224"
+    dataset = load_coco(synth / "val.json")
+    model = build_model(cfg.model, dataset.num_classes)
+    weights = tmp_path / "vit.pt"
+    save_checkpoint({"stage": "teacher", "config": config_to_dict(cfg), "class_names": dataset.class_names,
+                     "category_ids": [c["id"] for c in dataset.categories], "model": model.state_dict(),
+                     "teacher": None, "ema": None, "step": 0, "best_ap": -1.0, "last_eval": {}}, weights)
+    exported = export_model(weights, tmp_path / "vit.onnx", "onnx")
+    session = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
+    image = np.random.default_rng(0).integers(0, 256, (50, 90, 3), dtype=np.uint8)
+    x, size = fit_to_input(image, exported.height, exported.width, 64, 96)
+    logits, masks = session.run(None, {"images": x.numpy()})
+    instances = outputs_to_instances(logits, masks, size, (50, 90))
+    [expected] = load_model(weights, device="cpu").predict(image)
+    np.testing.assert_allclose(instances.scores.numpy(), expected.scores.numpy(), atol=1e-5)
+    assert torch.equal(instances.labels, expected.labels) and torch.equal(instances.masks, expected.masks)
+
+
+def test_an_onnx_exporter_failure_is_one_line(checkpoint, tmp_path, monkeypatch):
+    import gdistill.export as export_module
+
+    def exporter_without_a_rule(module, example, out, opset):
+        out.write_bytes(b"partial")
+        raise RuntimeError("Exporting the operator 'aten::some_op' to ONNX opset 17 is not supported.\n"
+                           + "  File ...\n" * 300)
+
+    monkeypatch.setattr(export_module, "_export_onnx", exporter_without_a_rule)
+    with pytest.raises(GdistillError, match=r"ONNX export of model.backbone=resnet18 failed "
+                       r"\(RuntimeError: Exporting the operator 'aten::some_op' to ONNX opset 17 is not "
+                       r"supported.\); --format torchscript may work for it") as err:
+        export_model(checkpoint, tmp_path / "m.onnx", "onnx")
+    assert "\n" not in str(err.value) and not (tmp_path / "m.onnx").exists()
+
+
 def test_torchscript_export_matches_pytorch(checkpoint, tmp_path):
     path, height, width, _ = export_model(checkpoint, tmp_path / "model.pt", "torchscript", height=64,
                                           width=64)

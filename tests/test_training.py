@@ -459,3 +459,16 @@ def test_resuming_on_other_data_or_with_another_teacher_is_said(tiny_data, stage
     assert not [m for m in messages if "other data" in m]  # the run's own data
     assert [m for m in messages if m.startswith(f"--teacher {tmp_path / 'elsewhere.pt'} is ignored "
                                                 "on resume: the run goes on with its own teacher")]
+
+
+def test_the_schedule_warning_names_lr_steps_only_for_a_step_schedule():
+    from gdistill.engine.trainer import _warn_schedule_past_the_end
+
+    step = load_config("coco_r50", ["solver.max_iters=1000"])
+    with pytest.warns(UserWarning,
+                      match=r"solver.max_iters=1000 ends before solver.lr_steps \[327778, 355092\]"):
+        _warn_schedule_past_the_end(step, is_distill=False)
+    poly = load_config("cityscapes_r50")  # a poly schedule: its lr_steps are not used
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_schedule_past_the_end(poly, is_distill=False)

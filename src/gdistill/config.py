@@ -37,7 +37,9 @@ class DataConfig:
     batch_size: int = 16  # labelled images per step (per process)
     unlabelled_batch_size: int = 16  # unlabelled images per step (per process), stage B only
     num_workers: int = 4  # per loader, at most one per usable CPU (batches do not depend on it)
-    repeat_factor_threshold: float = 0.0  # > 0: LVIS repeat-factor sampling of labelled images
+    # > 0: LVIS repeat-factor sampling of the labelled images in stage A (the authors: uniform);
+    # stage B has its own, distill.repeat_factor_threshold
+    repeat_factor_threshold: float = 0.0
     eval_batch_size: int = 4
 
 
@@ -116,6 +118,9 @@ class DistillConfig:
     duplicate_iou: float = 0.0  # > 0: drop pseudo-labels overlapping a better one (GD: off)
     student_init: str = "pretrained"  # pretrained (fresh heads) | teacher
     diagnostic_thresholds: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+    # Stage B's labelled sampler: LVIS repeat factors with this threshold (the authors: 10,
+    # class-frequency-balanced oversampling); 0 = uniform
+    repeat_factor_threshold: float = 10.0
 
 
 @dataclass
@@ -405,6 +410,7 @@ _BOUNDS = {
     "data.unlabelled_batch_size": _AT_LEAST_1,
     "data.num_workers": _AT_LEAST_0,
     "data.repeat_factor_threshold": _AT_LEAST_0,
+    "distill.repeat_factor_threshold": _AT_LEAST_0,
     "data.eval_batch_size": _AT_LEAST_1,
     "model.hidden_dim": _AT_LEAST_1,
     "model.num_queries": _AT_LEAST_1,

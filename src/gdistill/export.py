@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -75,6 +76,23 @@ def _export_onnx(module: nn.Module, example: Tensor, out: Path, opset: int) -> N
         opset_version=opset,
         dynamo=False,
     )
+
+
+def _fix_vit_input_size(backbone: nn.Module, height: int, width: int) -> None:
+    """Built with ``dynamic_img_size``, a timm ViT resamples its position embedding (bicubic,
+    antialiased: no ONNX operator) at every forward. At the fixed export size it is resampled
+    once here, to the grid the backbone's input is resized to, and the ViT made static."""
+    body = backbone.body
+    if not hasattr(body, "set_input_size"):  # timm before 1.0
+        return
+    from timm.layers import Format
+
+    ph, pw = backbone.patch_size
+    body.set_input_size(img_size=(math.ceil(height / ph) * ph, math.ceil(width / pw) * pw))
+    body.dynamic_img_size = False
+    # The static path wants flattened tokens [B, N, D] from the patch embedding.
+    embed = body.patch_embed
+    embed.flatten, embed.output_fmt = True, Format.NCHW
 
 
 def _max_onnx_opset() -> int:
@@ -144,7 +162,17 @@ def export_model(
         # Tracing records shapes as constants (fine: the size is fixed at export) and warns so.
         warnings.simplefilter("ignore")
         if fmt == "onnx":
-            _export_onnx(module, example, out, opset)
+            if predictor.model.backbone.is_vit:
+                _fix_vit_input_size(predictor.model.backbone, height, width)
+            try:
+                _export_onnx(module, example, out, opset)
+            except Exception as err:  # the exporter's errors run to hundreds of lines
+                out.unlink(missing_ok=True)
+                first = (str(err).strip().splitlines() or [""])[0]
+                raise GdistillError(
+                    f"{weights}: ONNX export of model.backbone={predictor.cfg.model.backbone} "
+                    f"failed ({type(err).__name__}: {first}); --format torchscript may work for it"
+                ) from err
         else:
             torch.jit.trace(module, (example,), check_trace=False).save(str(out))
     cfg = predictor.cfg

@@ -81,6 +81,7 @@ from gdistill.engine.optim import build_optimizer, build_scheduler
 from gdistill.engine.run_info import read_run_info, write_run_info
 from gdistill.engine.stop_signals import StopOnSignal
 from gdistill.errors import GdistillError, NonFiniteOutputsError, TrainingStopped, one_line
+from gdistill.model.backbone import FrozenBatchNorm2d
 from gdistill.model.criterion import SetCriterion
 from gdistill.model.mask2former import (
     Mask2Former,
@@ -112,7 +113,7 @@ def _warn_schedule_past_the_end(cfg: Config, is_distill: bool) -> None:
     kept the defaults, e.g. solver.max_iters=20000 with the COCO learning-rate steps)."""
     end = cfg.solver.max_iters
     never = []
-    late = [s for s in cfg.solver.lr_steps if s >= end]
+    late = [s for s in cfg.solver.lr_steps if s >= end] if cfg.solver.lr_schedule == "step" else []
     if late:
         never.append(f"solver.lr_steps {late} (the learning rate is not lowered there)")
     if is_distill and cfg.distill.burn_in != "none" and cfg.distill.burnin_iters >= end:
@@ -530,19 +531,20 @@ def _train(
         )
     from_checkpoint = state is not None or init_payload is not None
     student_cfg = _no_download(copy.deepcopy(cfg)) if from_checkpoint else cfg
+    student = build_model(student_cfg.model, num_classes)
     if (
         main_process
         and not from_checkpoint
         and student_cfg.model.frozen_bn
         and not student_cfg.model.pretrained
         and not student_cfg.model.backbone_weights
+        and any(isinstance(m, FrozenBatchNorm2d) for m in student.backbone.modules())
     ):
         warnings.warn(
             "model.frozen_bn=true with a randomly initialised backbone (no pretrained weights): "
             "its BatchNorm layers stay at identity; set model.frozen_bn=false to train from scratch",
             stacklevel=2,
         )
-    student = build_model(student_cfg.model, num_classes)
     if init_payload is not None:
         student.load_state_dict(init_payload["model"])
     if is_distill and state is None and cfg.distill.student_init == "teacher":
@@ -626,9 +628,11 @@ def _train(
         LabelledAugment(dcfg.image_size, dcfg.scale_range),
         seed=cfg.seed,
     )
-    if dcfg.repeat_factor_threshold > 0:
+    # The authors sample labelled images uniformly in stage A, by repeat factors in stage B.
+    repeat_threshold = cfg.distill.repeat_factor_threshold if is_distill else dcfg.repeat_factor_threshold
+    if repeat_threshold > 0:
         sampler = RepeatFactorSampler(
-            repeat_factors(labelled, dcfg.repeat_factor_threshold),
+            repeat_factors(labelled, repeat_threshold),
             seed=cfg.seed,
             rank=rank,
             world_size=world,
