@@ -472,3 +472,23 @@ def test_the_schedule_warning_names_lr_steps_only_for_a_step_schedule():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _warn_schedule_past_the_end(poly, is_distill=False)
+
+
+def test_stage_b_draws_labelled_images_by_repeat_factors(tiny_data, stage_a, tmp_path, monkeypatch):
+    import gdistill.engine.trainer as trainer_module
+
+    made = []
+    real = trainer_module.RepeatFactorSampler
+
+    def recording(factors, **kwargs):
+        made.append(list(factors))
+        return real(factors, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "RepeatFactorSampler", recording)
+    overrides = [*TINY, "solver.max_iters=1", "eval_period=0", "distill.repeat_factor_threshold=10"]
+    train(load_config("demo", overrides), tmp_path / "a", tiny_data, progress=False)
+    assert made == []  # stage A: uniform, as the authors
+    train(load_config("demo", overrides), tmp_path / "b", tiny_data,
+          teacher_checkpoint=stage_a / "best.pt", progress=False)
+    assert len(made) == 1 and len(made[0]) == len(tiny_data.labelled.images)
+    assert min(made[0]) >= 10 ** 0.5 - 1e-6  # every class is in at most all images: r >= sqrt(10)
