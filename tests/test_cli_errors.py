@@ -856,6 +856,10 @@ def test_distill_without_config_leaves_the_teachers_stage_a_average_off(capsys, 
      ["ONNX opset must be from 16", "got 99"]),
     (["export", "--weights", "w.pt", "--out", "{tmp}/m.onnx", "--opset", "15"], ["got 15"]),
     (["report", "{tmp}", "--num-images", "0"], ["--num-images must be at least 1, got 0"]),
+    (["predict", "--weights", "w.pt", "--input", "x", "--out", "{tmp}/p", "--threads", "-1"],
+     ["--threads must be >= 0, got -1"]),
+    (["eval", "--weights", "w.pt", "--annotations", "a.json", "--threads", "-2"],
+     ["--threads must be >= 0, got -2"]),
 ])
 def test_out_of_range_flags_stop_before_any_work(capsys, tmp_path, argv, fragments):
     fails(capsys, [a.replace("{tmp}", str(tmp_path)) for a in argv], *fragments)
@@ -879,3 +883,15 @@ def test_a_closed_output_pipe_ends_quietly(synth, tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert err == ""
+
+
+def test_threads_flag_sets_torchs_cpu_threads_only_when_given(monkeypatch):
+    import torch
+
+    from gdistill.cli import _set_threads
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    _set_threads(0)
+    _set_threads(3)
+    assert calls == [3]

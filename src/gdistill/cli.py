@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, help="write metrics JSON here")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for the model (default 0: torch's choice, one per core)")
     p.add_argument("--skip-invalid-annotations", action="store_true", help=SKIP_HELP)
     p.add_argument("--quiet", action="store_true")
 
@@ -178,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for the model (default 0: torch's choice, one per core)")
     p.add_argument("--overwrite", action="store_true", help="replace the predictions already in --out")
     p.add_argument("--skip-unreadable", action="store_true",
                    help="leave out image files that cannot be read (missing, corrupt), listing each")
@@ -471,6 +475,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from gdistill.evaluation.coco_eval import evaluate_results_file, format_metrics_table
 
+    _set_threads(args.threads)
     dataset = _load_annotations(args.annotations, args.skip_invalid_annotations)
     if args.predictions:
         ground_truth = dataset.raw if dataset.dropped or dataset.repaired else args.annotations
@@ -495,10 +500,21 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}")
 
 
+def _set_threads(threads: int) -> None:
+    """``--threads N``: torch's CPU threads (on a shared machine fewer can be much faster)."""
+    if threads < 0:
+        raise GdistillError(f"--threads must be >= 0, got {threads}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     from gdistill.engine.allocator import keep_freed_memory
     from gdistill.predict import predict_to_folder
 
+    _set_threads(args.threads)
     if (args.out / "predictions.json").exists() and not args.overwrite:
         raise GdistillError(
             f"{args.out}: holds predictions (predictions.json); pass --overwrite to replace them, "
