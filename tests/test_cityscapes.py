@@ -244,3 +244,16 @@ def test_cli_command(tree, tmp_path, capsys):
                  "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "split 'val2'" in err
+
+
+def test_the_command_counts_the_crowd_regions_it_wrote(tree, tmp_path, capsys):
+    from gdistill.cli import main
+
+    root, _ = tree
+    out = tmp_path / "cs.json"
+    assert main(["convert-cityscapes", "--root", str(root), "--split", "train", "--out", str(out),
+                 "--quiet"]) == 0
+    crowd = sum(iscrowd for *_, iscrowd in EXPECTED)
+    assert crowd > 0
+    assert (f"{len(FRAMES)} images, {len(EXPECTED)} instances ({crowd} of them crowd regions, not "
+            f"trained on) → {out}") in capsys.readouterr().out

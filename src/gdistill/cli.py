@@ -250,9 +250,10 @@ def cmd_convert_cityscapes(args: argparse.Namespace) -> None:
         raise GdistillError(f"--min-area must be >= 0, got {args.min_area}")
     out = convert_cityscapes(args.root, args.split, args.out, min_area=args.min_area, progress=not args.quiet)
     raw = json.loads(out.read_text())
+    crowd = sum(1 for a in raw["annotations"] if a.get("iscrowd"))
     print(
-        f"{len(raw['images'])} images, {len(raw['annotations'])} instances → {out} "
-        f"(use --images {args.root / 'leftImg8bit'})"
+        f"{len(raw['images'])} images, {len(raw['annotations'])} instances ({crowd} of them crowd "
+        f"regions, not trained on) → {out} (use --images {args.root / 'leftImg8bit'})"
     )
 
 
