@@ -492,3 +492,19 @@ def test_stage_b_draws_labelled_images_by_repeat_factors(tiny_data, stage_a, tmp
           teacher_checkpoint=stage_a / "best.pt", progress=False)
     assert len(made) == 1 and len(made[0]) == len(tiny_data.labelled.images)
     assert min(made[0]) >= 10 ** 0.5 - 1e-6  # every class is in at most all images: r >= sqrt(10)
+
+
+def test_a_run_saved_before_stage_b_repeat_factors_resumes_with_uniform_sampling(tiny_data, stage_a,
+                                                                                 tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    payload = load_checkpoint(stage_a / "last.pt")
+    payload["step"] = 3
+    del payload["config"]["distill"]["repeat_factor_threshold"]  # as an earlier build saved it
+    save_checkpoint(payload, run / "last.pt")
+    shutil.copy(stage_a / "run.json", run / "run.json")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(load_config("demo", TINY), run, tiny_data, resume=True, progress=False)
+    assert not [w for w in caught if "repeat_factor_threshold" in str(w.message)]
+    assert load_checkpoint(run / "last.pt")["config"]["distill"]["repeat_factor_threshold"] == 0.0

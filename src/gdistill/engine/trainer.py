@@ -446,6 +446,9 @@ def _train(
     if resumed is not None:
         state, state_path = resumed
         run_cfg = config_from_dict(state["config"], str(state_path))
+        if "repeat_factor_threshold" not in state["config"].get("distill", {}):
+            # Saved by a build before the key: its stage B sampled labelled images uniformly.
+            run_cfg.distill.repeat_factor_threshold = 0.0
         with _setup_warnings_from_first_rank():
             _warn_config_ignored_on_resume(cfg, run_cfg, state_path)
             _check_resumed_run(state, state_path, out_dir, data, teacher_checkpoint)
