@@ -375,7 +375,7 @@ def _check_resumed_run(
         )
     given = {
         "labelled": (_resolved(data.labelled.path), len(data.labelled.images)),
-        "val": (_resolved(data.val.path) if data.val else None, len(data.val.images) if data.val else None),
+        "val": (_resolved(data.val.path) if data.val else None, None),  # run.json has no count
         "unlabelled": (_resolved(data.unlabelled_source), len(data.unlabelled or [])),
     }
     recorded = {
