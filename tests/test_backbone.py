@@ -302,3 +302,19 @@ def test_fetching_pretrained_weights_without_network_runs_the_hub_offline(monkey
         build_backbone("resnet18", pretrained=True, weights_path="", frozen_stages=0)
     assert seen and all(offline is not resolves for offline in seen)
     assert hub.HF_HUB_OFFLINE is False
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"),
+    RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)"),
+    MemoryError(),
+])
+def test_running_out_of_memory_is_not_called_an_input_size_problem(error):
+    bb = TimmBackbone("resnet18")
+
+    def no_memory(x):
+        raise error
+
+    with pytest.raises(type(error)) as caught:
+        bb._run_trunk(no_memory, torch.randn(1, 3, 64, 64))
+    assert caught.value is error

@@ -895,3 +895,41 @@ def test_threads_flag_sets_torchs_cpu_threads_only_when_given(monkeypatch):
     _set_threads(0)
     _set_threads(3)
     assert calls == [3]
+
+
+CPU_OUT_OF_MEMORY = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough "
+                     "memory: you tried to allocate 95420006400 bytes.")
+
+
+def test_out_of_memory_is_one_line_with_what_to_lower(capsys, synth, teacher, tmp_path, monkeypatch):
+    from gdistill.model.backbone import TimmBackbone
+
+    def no_memory(self, x):
+        raise RuntimeError(CPU_OUT_OF_MEMORY)
+
+    monkeypatch.setattr(TimmBackbone, "forward", no_memory)
+    argv = ["predict", "--weights", str(teacher), "--input", str(synth[2]), "--out",
+            str(tmp_path / "p"), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    advice = "lower --batch-size (1 reads one image at a time)"
+    assert err == f"error: out of memory ({CPU_OUT_OF_MEMORY}); {advice}"
+    train_json, val_json, images = synth
+    argv = ["train", "--labelled", str(train_json), "--images", str(images), "--out",
+            str(tmp_path / "t"), "--config", "demo", "--quiet", *TINY]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: out of memory (") and "lower data.batch_size" in err[-1]
+
+
+def test_errors_that_are_not_out_of_memory_keep_their_traceback(synth, teacher, tmp_path, monkeypatch):
+    from gdistill.model.backbone import TimmBackbone
+
+    def broken(self, x):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(TimmBackbone, "forward", broken)
+    argv = ["predict", "--weights", str(teacher), "--input", str(synth[2]), "--out",
+            str(tmp_path / "p"), "--quiet"]
+    with pytest.raises(RuntimeError, match="mat1 and mat2"):
+        main(argv)

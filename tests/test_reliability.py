@@ -593,3 +593,13 @@ def test_evaluating_does_not_change_training(tiny_data, tmp_path):
         train(cfg, tmp_path / str(eval_period), tiny_data, progress=False)
         finals.append(load_checkpoint(tmp_path / str(eval_period) / "last.pt")["model"])
     _assert_same_state(finals[0], finals[1], "model trained with eval_period 1 vs 2")
+
+
+def test_eval_lines_only_for_runs_with_a_validation_set(tiny_data, tmp_path, capsys):
+    cfg = load_config("demo", [*TINY, "solver.max_iters=2", "eval_period=1", "checkpoint_period=0"])
+    train(cfg, tmp_path / "val", tiny_data, progress=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[eval]")]
+    assert [line.split(":")[0] for line in lines] == ["[eval] iteration 1/2", "[eval] iteration 2/2"]
+    assert all("student AP" in line for line in lines)
+    train(cfg, tmp_path / "none", _no_val(tiny_data), progress=True)
+    assert "[eval]" not in capsys.readouterr().err

@@ -8,8 +8,9 @@ import pytest
 import torch
 from tiny_config import TINY
 
-from gdistill.config import load_config
+from gdistill.config import config_from_dict, load_config
 from gdistill.data.coco import load_coco
+from gdistill.data.loader import repeat_factors
 from gdistill.data.sources import unlabelled_from_coco
 from gdistill.data.synthetic import generate_synthetic
 from gdistill.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -488,23 +489,74 @@ def test_stage_b_draws_labelled_images_by_repeat_factors(tiny_data, stage_a, tmp
     overrides = [*TINY, "solver.max_iters=1", "eval_period=0", "distill.repeat_factor_threshold=10"]
     train(load_config("demo", overrides), tmp_path / "a", tiny_data, progress=False)
     assert made == []  # stage A: uniform, as the authors
-    train(load_config("demo", overrides), tmp_path / "b", tiny_data,
-          teacher_checkpoint=stage_a / "best.pt", progress=False)
+    stage_b = load_config("demo", [*overrides, "data.repeat_factor_threshold=2"])
+    with pytest.warns(UserWarning, match=r"data.repeat_factor_threshold=2.0 is stage A's: stage B "
+                      r"draws its labelled images by distill.repeat_factor_threshold=10.0"):
+        train(stage_b, tmp_path / "b", tiny_data, teacher_checkpoint=stage_a / "best.pt",
+              progress=False)
     assert len(made) == 1 and len(made[0]) == len(tiny_data.labelled.images)
     assert min(made[0]) >= 10 ** 0.5 - 1e-6  # every class is in at most all images: r >= sqrt(10)
 
 
-def test_a_run_saved_before_stage_b_repeat_factors_resumes_with_uniform_sampling(tiny_data, stage_a,
-                                                                                 tmp_path):
-    run = tmp_path / "run"
+def _as_saved_before_stage_b_repeat_factors(checkpoint, run, step, data_threshold):
+    """A copy of ``checkpoint`` in ``run`` as a build before ``distill.repeat_factor_threshold``
+    saved it (its stage B drew labelled images by ``data.repeat_factor_threshold``, as stage A);
+    returns the config that the CLI then reads from the run's config.yaml."""
     run.mkdir()
-    payload = load_checkpoint(stage_a / "last.pt")
-    payload["step"] = 3
-    del payload["config"]["distill"]["repeat_factor_threshold"]  # as an earlier build saved it
+    payload = load_checkpoint(checkpoint / "last.pt")
+    payload["step"] = step
+    del payload["config"]["distill"]["repeat_factor_threshold"]
+    payload["config"]["data"]["repeat_factor_threshold"] = data_threshold
     save_checkpoint(payload, run / "last.pt")
-    shutil.copy(stage_a / "run.json", run / "run.json")
+    shutil.copy(checkpoint / "run.json", run / "run.json")
+    return config_from_dict(payload["config"], "config.yaml")
+
+
+def _recording_repeat_factor_samplers(monkeypatch):
+    import gdistill.engine.trainer as trainer_module
+
+    made = []
+    real = trainer_module.RepeatFactorSampler
+
+    def recording(factors, **kwargs):
+        made.append(list(factors))
+        return real(factors, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "RepeatFactorSampler", recording)
+    return made
+
+
+def test_an_old_stage_b_run_resumes_drawing_as_it_did(tiny_data, stage_a, tmp_path, monkeypatch):
+    stage_b = tmp_path / "b"
+    overrides = [*TINY, "solver.max_iters=2", "eval_period=0", "checkpoint_period=0"]
+    train(load_config("demo", overrides), stage_b, tiny_data, teacher_checkpoint=stage_a / "best.pt",
+          progress=False)
+    run = tmp_path / "old"
+    given = _as_saved_before_stage_b_repeat_factors(stage_b, run, 1, data_threshold=1.0)
+    assert given.distill.repeat_factor_threshold == 10.0  # the key's default fills the gap
+    made = _recording_repeat_factor_samplers(monkeypatch)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        train(load_config("demo", TINY), run, tiny_data, resume=True, progress=False)
+        train(given, run, tiny_data, resume=True, progress=False)
     assert not [w for w in caught if "repeat_factor_threshold" in str(w.message)]
-    assert load_checkpoint(run / "last.pt")["config"]["distill"]["repeat_factor_threshold"] == 0.0
+    assert made == [repeat_factors(tiny_data.labelled, 1.0)]  # by data.*, as before
+    assert load_checkpoint(run / "last.pt")["config"]["distill"]["repeat_factor_threshold"] == 1.0
+
+
+def test_an_old_stage_a_run_resumes_with_the_new_stage_b_default(tiny_data, stage_a, tmp_path,
+                                                                  monkeypatch):
+    run = tmp_path / "old"
+    given = _as_saved_before_stage_b_repeat_factors(stage_a, run, 3, data_threshold=0.0)
+    made = _recording_repeat_factor_samplers(monkeypatch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(given, run, tiny_data, resume=True, progress=False)
+    assert not [w for w in caught if "repeat_factor_threshold" in str(w.message)]
+    assert made == []  # stage A draws uniformly
+    # A later `distill --teacher` from this run gets stage B's default, as from any new teacher.
+    assert load_checkpoint(run / "last.pt")["config"]["distill"]["repeat_factor_threshold"] == 10.0
+    # A value given now (not the default) is still named as ignored.
+    given = _as_saved_before_stage_b_repeat_factors(stage_a, tmp_path / "old2", 3, 0.0)
+    given.distill.repeat_factor_threshold = 4.0
+    with pytest.warns(UserWarning, match=r"ignored: distill.repeat_factor_threshold=4.0 \(run: 10.0\)"):
+        train(given, tmp_path / "old2", tiny_data, resume=True, progress=False)

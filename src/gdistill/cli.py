@@ -13,9 +13,20 @@ from gdistill.errors import (
     InvalidAnnotationError,
     TrainingStopped,
     UnreadableImageError,
+    is_out_of_memory,
     one_line,
 )
 
+_TRAINING_ADVICE = (
+    "; lower data.batch_size, data.unlabelled_batch_size (distill) or data.image_size, or "
+    "data.eval_batch_size and data.test_max_side when it failed in an evaluation"
+)
+OUT_OF_MEMORY_ADVICE = {
+    "train": _TRAINING_ADVICE,
+    "distill": _TRAINING_ADVICE,
+    "demo": _TRAINING_ADVICE,
+    "predict": "; lower --batch-size (1 reads one image at a time)",
+}
 MODEL_CHOICES = ("student", "teacher", "ema")  # the models a checkpoint can hold
 SKIP_HELP = (
     "drop annotations with an invalid mask (e.g. COCO's few degenerate polygons) and list them, "
@@ -662,6 +673,13 @@ def _run(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: out of memory ({first}){OUT_OF_MEMORY_ADVICE.get(args.command, '')}",
+              file=sys.stderr)
+        return 2
     except OSError as exc:
         # The system refused: permissions, a full disk, a read-only or vanished folder.
         if exc.errno is None:

@@ -34,6 +34,18 @@ class TrainingStopped(Exception):
         self.signum = signum
 
 
+_OUT_OF_MEMORY = ("out of memory", "not enough memory", "can't allocate memory",
+                  "cannot allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: torch's OutOfMemoryError (CUDA), the CPU allocator's
+    RuntimeError, MPS's, or Python's MemoryError."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OUT_OF_MEMORY)
+
+
 def one_line(exc: Exception) -> str:
     """The message of an error, also when torch re-raised it from a DataLoader worker (its
     message then holds the worker's whole traceback; the last line is ours)."""

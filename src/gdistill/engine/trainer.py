@@ -287,13 +287,17 @@ def _setup_warnings_from_first_rank() -> Iterator[None]:
         yield
 
 
-def _warn_config_ignored_on_resume(given: Config, run: Config, state_path: Path) -> None:
-    """A resumed run keeps its own config: name the given values that this ignores."""
+def _warn_config_ignored_on_resume(
+    given: Config, run: Config, state_path: Path, saved_without: set[str] = frozenset()
+) -> None:
+    """A resumed run keeps its own config: name the given values that this ignores. Keys in
+    ``saved_without`` came after the run's build: their default is not a value given."""
     derived = {"model.num_classes"}  # set from the data by the trainer
+    given_not_default = {key for key, _, _ in config_differences(given, Config())}
     ignored = [
         f"{key}={mine} (run: {theirs})"
         for key, mine, theirs in config_differences(given, run)
-        if key not in derived
+        if key not in derived and (key not in saved_without or key in given_not_default)
     ]
     if ignored:
         warnings.warn(
@@ -446,11 +450,15 @@ def _train(
     if resumed is not None:
         state, state_path = resumed
         run_cfg = config_from_dict(state["config"], str(state_path))
+        saved_without = set()
         if "repeat_factor_threshold" not in state["config"].get("distill", {}):
-            # Saved by a build before the key: its stage B sampled labelled images uniformly.
-            run_cfg.distill.repeat_factor_threshold = 0.0
+            saved_without.add("distill.repeat_factor_threshold")
+            if state["stage"] == "distill":
+                # Saved by a build before the key, whose stage B drew its labelled images by
+                # data.repeat_factor_threshold as stage A did: go on drawing them so.
+                run_cfg.distill.repeat_factor_threshold = run_cfg.data.repeat_factor_threshold
         with _setup_warnings_from_first_rank():
-            _warn_config_ignored_on_resume(cfg, run_cfg, state_path)
+            _warn_config_ignored_on_resume(cfg, run_cfg, state_path, saved_without)
             _check_resumed_run(state, state_path, out_dir, data, teacher_checkpoint)
         cfg = run_cfg
         stage = state["stage"]
@@ -799,6 +807,13 @@ def _train(
     max_iters = cfg.solver.max_iters
     if main_process and start_step < max_iters:  # after every input check: errors come first
         _warn_schedule_past_the_end(cfg, is_distill)
+    if main_process and is_distill and state is None and cfg.data.repeat_factor_threshold > 0:
+        warnings.warn(
+            f"data.repeat_factor_threshold={cfg.data.repeat_factor_threshold} is stage A's: stage B "
+            "draws its labelled images by distill.repeat_factor_threshold="
+            f"{cfg.distill.repeat_factor_threshold}",
+            stacklevel=2,
+        )
     bar = tqdm(
         total=max_iters,
         initial=start_step,
@@ -984,7 +999,7 @@ def _train(
             except Exception as err:
                 # Bad validation data shows up here, eval_period iterations in: keep them.
                 save_then_raise(err, done, f"evaluation at iteration {done} failed")
-            if progress:
+            if progress and val_loader is not None:
                 who = "teacher" if teacher is not None else "student"
                 bar.write(evaluation_line(done, max_iters, last_eval, who, dist.score_threshold),
                           file=sys.stderr)

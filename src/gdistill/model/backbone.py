@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gdistill.errors import GdistillError
+from gdistill.errors import GdistillError, is_out_of_memory
 
 STRIDES = [4, 8, 16, 32]
 VIT_CHANNELS = [128, 256, 512, 1024]
@@ -392,9 +392,9 @@ class TimmBackbone(nn.Module):
         as one line instead of timm's traceback."""
         try:
             return fn(x)
-        except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError only from torch 2.5
-            raise
         except (RuntimeError, AssertionError) as err:
+            if is_out_of_memory(err):
+                raise
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise GdistillError(
                 f"model.backbone={self.name} failed on {x.shape[-2]}x{x.shape[-1]}-px "
