@@ -318,3 +318,15 @@ def test_running_out_of_memory_is_not_called_an_input_size_problem(error):
     with pytest.raises(type(error)) as caught:
         bb._run_trunk(no_memory, torch.randn(1, 3, 64, 64))
     assert caught.value is error
+
+
+def test_dinov2_weights_as_released_load_without_a_warning(tmp_path):
+    # Meta's DINOv2 files also hold the masked-patch token of its self-supervised training.
+    src = timm.create_model("vit_small_patch14_dinov2", depth=1, img_size=70)
+    state = dict(src.state_dict(), mask_token=torch.randn(1, 384))
+    path = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(state, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bb = TimmBackbone("vit_small_patch14_dinov2", depth=1, img_size=70, weights_path=path)
+    torch.testing.assert_close(bb.body.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])

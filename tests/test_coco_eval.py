@@ -375,10 +375,21 @@ def test_ground_truth_images_predict_did_not_read_are_named(tmp_path):
     listing = {"images": [{"id": k + 1, "file_name": f"{i}.png", "height": 16, "width": 16}
                           for k, i in enumerate((1, 2))]}
     (out / "images.json").write_text(json.dumps(listing))
-    with pytest.warns(UserWarning, match=r"images.json: 1 of the 3 ground-truth images were not "
-                      r"read by `gdistill predict` \(first: '3.png'\) and count as complete misses"):
+    with pytest.warns(UserWarning, match=r"images.json: 1 of the 3 ground-truth images with objects "
+                      r"were not read by `gdistill predict` \(first: '3.png'\) and count as "
+                      r"complete misses"):
         metrics = evaluate_results_file(gt_path, out / "predictions.json")
     assert metrics["AR100"] == pytest.approx(100 * 2 / 3)
+    # An image without objects that predict did not read changes nothing: no warning.
+    gt["images"].append({"id": 4, "file_name": "4.png", "height": 16, "width": 16})
+    gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] != 3]
+    gt_path.write_text(json.dumps(gt))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metrics = evaluate_results_file(gt_path, out / "predictions.json")
+    assert metrics["AR100"] == pytest.approx(100.0)
+    gt = make_gt(sizes, objects)
+    gt_path.write_text(json.dumps(gt))
     listing["images"].append({"id": 3, "file_name": "3.png", "height": 16, "width": 16})
     (out / "images.json").write_text(json.dumps(listing))  # read, but nothing found in it
     with warnings.catch_warnings():

@@ -170,6 +170,21 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
         pass
 
 
+def test_a_folder_that_cannot_be_locked_is_used_with_a_warning(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(f, how):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match=r"cannot lock the run folder \(No locks available\); a "
+                      "second run started into it would not be stopped"):
+        with run_folder_lock(tmp_path / "run"):
+            (tmp_path / "run" / "x").write_text("written")
+    assert (tmp_path / "run" / "x").read_text() == "written"
+
+
 def test_git_commit_only_of_a_checkout_that_tracks_the_package(tmp_path):
     import subprocess
     from pathlib import Path

@@ -482,7 +482,14 @@ def test_an_onnx_exporter_failure_is_one_line(checkpoint, tmp_path, monkeypatch)
                        r"\(RuntimeError: Exporting the operator 'aten::some_op' to ONNX opset 17 is not "
                        r"supported.\); --format torchscript may work for it") as err:
         export_model(checkpoint, tmp_path / "m.onnx", "onnx")
-    assert "\n" not in str(err.value) and not (tmp_path / "m.onnx").exists()
+    assert "\n" not in str(err.value) and list(tmp_path.iterdir()) == []  # no partial file
+    # An earlier export at the same path, and its description, stay as they were.
+    (tmp_path / "m.onnx").write_bytes(b"earlier export")
+    (tmp_path / "m.onnx.json").write_text("{}")
+    with pytest.raises(GdistillError, match="ONNX export of model.backbone=resnet18 failed"):
+        export_model(checkpoint, tmp_path / "m.onnx", "onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json"]
+    assert (tmp_path / "m.onnx").read_bytes() == b"earlier export"
 
 
 def test_torchscript_export_matches_pytorch(checkpoint, tmp_path):

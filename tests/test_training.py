@@ -277,6 +277,7 @@ def test_resume_names_the_config_values_it_ignores(tiny_data, tmp_path, recwarn)
 def test_resume_without_checkpoint_is_an_error(tiny_data, tmp_path):
     with pytest.raises(GdistillError, match="nothing to resume"):
         train(load_config("demo", TINY), tmp_path / "empty", tiny_data, resume=True, progress=False)
+    assert not (tmp_path / "empty").exists()  # a mistyped --out is not created
 
 
 def test_teacher_with_other_classes_is_rejected(tiny_data, stage_a, tmp_path):

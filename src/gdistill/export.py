@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -158,23 +159,29 @@ def export_model(
     example = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside, then renamed: a failed export leaves an earlier one at ``out`` as it was.
+    partial = out.with_name(f".{out.stem}.partial{out.suffix}")
     with torch.no_grad(), warnings.catch_warnings():
         # Tracing records shapes as constants (fine: the size is fixed at export) and warns so.
         warnings.simplefilter("ignore")
-        if fmt == "onnx":
-            if predictor.model.backbone.is_vit:
-                _fix_vit_input_size(predictor.model.backbone, height, width)
-            try:
-                _export_onnx(module, example, out, opset)
-            except Exception as err:  # the exporter's errors run to hundreds of lines
-                out.unlink(missing_ok=True)
-                first = (str(err).strip().splitlines() or [""])[0]
-                raise GdistillError(
-                    f"{weights}: ONNX export of model.backbone={predictor.cfg.model.backbone} "
-                    f"failed ({type(err).__name__}: {first}); --format torchscript may work for it"
-                ) from err
-        else:
-            torch.jit.trace(module, (example,), check_trace=False).save(str(out))
+        try:
+            if fmt == "onnx":
+                if predictor.model.backbone.is_vit:
+                    _fix_vit_input_size(predictor.model.backbone, height, width)
+                try:
+                    _export_onnx(module, example, partial, opset)
+                except Exception as err:  # the exporter's errors run to hundreds of lines
+                    first = (str(err).strip().splitlines() or [""])[0]
+                    raise GdistillError(
+                        f"{weights}: ONNX export of model.backbone={predictor.cfg.model.backbone} "
+                        f"failed ({type(err).__name__}: {first}); --format torchscript may work "
+                        "for it"
+                    ) from err
+            else:
+                torch.jit.trace(module, (example,), check_trace=False).save(str(partial))
+            os.replace(partial, out)
+        finally:
+            partial.unlink(missing_ok=True)
     cfg = predictor.cfg
     info = {
         "format": fmt, "weights": str(Path(weights).resolve()), "model": model,

@@ -51,7 +51,8 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
     except BaseException as exc:
-        # A partial file would keep a full disk full; the file at `path` is still the old one.
+        # A partial file would keep a full disk full. Nothing else is touched: for last.pt the
+        # previous one is last.prev.pt by now (rotate_and_save), which --resume reads.
         tmp.unlink(missing_ok=True)
         if not isinstance(exc, Exception):  # Ctrl-C, SystemExit
             raise
@@ -161,6 +162,14 @@ def run_folder_lock(run_dir: str | Path) -> Iterator[None]:
                 f"{run_dir}: another gdistill run{f' (process {pid})' if pid else ''} is writing "
                 "there; wait for it to end or choose another --out"
             ) from None
+        except OSError as err:  # a file system without locks (some network mounts)
+            warnings.warn(
+                f"{run_dir}: cannot lock the run folder ({err.strerror or err}); a second run "
+                "started into it would not be stopped",
+                stacklevel=3,
+            )
+            yield
+            return
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")

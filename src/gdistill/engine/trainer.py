@@ -426,6 +426,8 @@ def train(
     resuming a stage-B run). ``init_weights``: start stage A from the model of a checkpoint (its
     architecture is used) instead of a fresh model. SIGINT or SIGTERM during the iterations saves
     ``last.pt`` at the end of the current one and raises :class:`TrainingStopped`."""
+    if resume and not any((Path(out_dir) / name).exists() for name in ("last.pt", "last.prev.pt")):
+        raise GdistillError(f"{out_dir}: nothing to resume (no last.pt)")  # before the lock makes it
     # One writer per run folder: under torchrun the first rank writes for all.
     lock = run_folder_lock(out_dir) if distributed.launched_rank() == 0 else contextlib.nullcontext()
     with lock, StopOnSignal() as stop:

@@ -183,7 +183,7 @@ def _evaluate(
     _check_results(results, results_source, decode_strings=False)
     images = {img["id"]: img for img in gt_dataset["images"]}
     if predict_listing is not None:
-        _warn_images_not_predicted(predict_listing, images)
+        _warn_images_not_predicted(predict_listing, images, gt_dataset["annotations"])
     results = _match_file_names(results, images, results_source)
     detections = _prepare_results(results, images, gt_dataset["categories"], results_source)
 
@@ -395,10 +395,10 @@ def _ids_of_file_names(names: list[str], images: dict[int, dict]) -> list[list[i
     return found
 
 
-def _warn_images_not_predicted(listing: Path, images: dict[int, dict]) -> None:
+def _warn_images_not_predicted(listing: Path, images: dict[int, dict], annotations: list[dict]) -> None:
     """``gdistill predict`` lists the images it read in ``images.json`` beside its results. A
-    ground-truth image it did not read (outside its folder, or skipped as unreadable) has no
-    result, and counts as a complete miss: say so."""
+    ground-truth image with objects that it did not read (outside its folder, or skipped as
+    unreadable) has no result, and counts as a complete miss: say so."""
     try:
         names = [img["file_name"] for img in json.loads(listing.read_text())["images"]]
     except (OSError, ValueError, KeyError, TypeError):
@@ -408,10 +408,12 @@ def _warn_images_not_predicted(listing: Path, images: dict[int, dict]) -> None:
     read = {i for ids in _ids_of_file_names(names, images) if len(ids) == 1 for i in ids}
     if not read:
         return  # another naming
-    missing = [img for i, img in images.items() if i not in read]
+    with_objects = {a["image_id"] for a in annotations if not a.get("iscrowd")}
+    missing = [img for i, img in images.items() if i not in read and i in with_objects]
     if missing:
         warnings.warn(
-            f"{listing}: {len(missing)} of the {len(images)} ground-truth images were not read by "
+            f"{listing}: {len(missing)} of the {len(with_objects)} ground-truth images with objects "
+            "were not read by "
             f"`gdistill predict` (first: {missing[0].get('file_name')!r}) and count as complete "
             "misses; predict from the ground truth's image root to score them",
             stacklevel=3,

@@ -552,8 +552,9 @@ def load_backbone_weights(module: nn.Module, path: str | Path) -> None:
         raise GdistillError(f"{path}: weights do not fit {label}: missing {left[0]}")
 
 
-# Buffers that some checkpoints store and timm recomputes (Swin's original releases).
-_DERIVED_BUFFERS = ("relative_position_index", "attn_mask", "relative_coords_table")
+# Tensors that some original releases store and timm has no use for: buffers it recomputes
+# (Swin's), and DINOv2's token for masked patches (its self-supervised training only).
+_NOT_USED_BY_TIMM = ("relative_position_index", "attn_mask", "relative_coords_table", "mask_token")
 
 
 def _warn_foreign_tensors(
@@ -565,7 +566,7 @@ def _warn_foreign_tensors(
     known = {_norm_key(k) for k, _ in reference}
     foreign = [
         k for k in state
-        if _norm_key(k) not in known and not _skip(k) and not k.endswith(_DERIVED_BUFFERS)
+        if _norm_key(k) not in known and not _skip(k) and not k.endswith(_NOT_USED_BY_TIMM)
     ]
     if foreign:
         warnings.warn(
