@@ -64,9 +64,9 @@ def test_overlay_blends_masks_draws_contours_and_labels_and_drops_low_scores():
     np.testing.assert_array_equal(out[50, 40], np.round(np.array(color) * 0.75))  # contour
     np.testing.assert_array_equal(out[60, 50], [100, 100, 100])  # low-score mask not drawn
     np.testing.assert_array_equal(out[5, 5], [100, 100, 100])  # background untouched
-    label_box = out[10:22, 10:40].reshape(-1, 3)
-    assert (label_box == color).all(1).sum() > 50  # the label's background
-    assert (label_box.astype(int).sum(1) < 150).sum() > 5  # its (dark on orange) text
+    label_box = out[25:36, 15:66].reshape(-1, 3)  # on the mask's middle (30, 40)
+    assert (label_box == color).all(1).sum() > 150  # the label's background
+    assert (label_box.astype(int).sum(1) < 150).sum() > 20  # its (dark on orange) text
     # Everything below the threshold: the image comes back unchanged.
     np.testing.assert_array_equal(overlay_instances(image, masks, [1, 2], [0.2, 0.3], NAMES), image)
 
@@ -240,3 +240,43 @@ def test_report_table_cells_stay_one_cell():
     from gdistill.report import _cell
 
     assert _cell("classes: 2: a|b, long\nname") == "classes: 2: a\\|b, long name"
+
+
+def test_labels_are_sized_to_the_picture():
+    from gdistill.viz import label_font_size
+
+    assert [label_font_size(h, w) for h, w in ((20, 20), (480, 640), (1024, 1024), (3024, 4032))] \
+        == [9, 12, 23, 64]
+
+
+def test_a_label_sits_on_the_thickest_part_of_its_mask():
+    from gdistill.viz import _label_anchor
+
+    mask = np.zeros((100, 200), bool)
+    mask[60:90, 140:170] = True  # a 30-px square ...
+    mask[5:8, 0:120] = True  # ... and a long thin strip far from it
+    y, x = _label_anchor(mask)
+    assert mask[y, x] and 70 <= y <= 80 and 150 <= x <= 160
+    big = np.zeros((3000, 3000), bool)
+    big[1000:2000, 500:2500] = True  # found at low resolution, still a pixel of the mask
+    y, x = _label_anchor(big)
+    assert big[y, x] and abs(y - 1500) <= 24 and abs(x - 1500) <= 24
+
+
+def test_labels_stay_inside_the_picture_and_clear_of_each_other():
+    from gdistill.viz import _free_place
+
+    placed = [_free_place(40, 20, 30, 10, 100, 60, [])]
+    assert placed == [(40, 20, 70, 30)]
+    placed.append(_free_place(45, 22, 30, 10, 100, 60, placed))  # on the first: moved down
+    assert placed[1] == (45, 32, 75, 42)
+    placed.append(_free_place(90, 25, 30, 10, 100, 60, placed))  # past the right edge, then up
+    assert placed[2] == (70, 15, 100, 25)
+    image = np.full((40, 60, 3), 90, np.uint8)
+    masks = np.zeros((2, 40, 60), bool)
+    masks[:, 10:30, 10:50] = True  # the same object twice: two labels, one above the other
+    out = overlay_instances(image, masks, [0, 1], [0.9, 0.8], ["a very long category name", "b"])
+    rows = [set(np.nonzero((out == class_color(label)).all(2).any(1))[0]) for label in (0, 1)]
+    assert min(map(len, rows)) >= 9 and not rows[0] & rows[1]  # two whole labels, not overlapping
+    cols = np.nonzero((out == class_color(0)).all(2).any(0))[0]
+    assert cols.min() >= 0 and cols.max() <= 59 and cols.max() - cols.min() > 40  # cut to fit
