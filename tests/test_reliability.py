@@ -595,11 +595,22 @@ def test_evaluating_does_not_change_training(tiny_data, tmp_path):
     _assert_same_state(finals[0], finals[1], "model trained with eval_period 1 vs 2")
 
 
-def test_eval_lines_only_for_runs_with_a_validation_set(tiny_data, tmp_path, capsys):
+def test_eval_lines_only_for_runs_with_a_validation_set(tiny_data, tmp_path, capsys, monkeypatch):
+    real, calls = trainer.evaluate_model, []
+
+    def evaluate_model(*args, **kwargs):  # the real one, with an AP that differs every time
+        metrics, rest = real(*args, **kwargs)
+        calls.append(1)
+        return dict(metrics, AP=11.0 * len(calls)), rest
+
+    monkeypatch.setattr(trainer, "evaluate_model", evaluate_model)
     cfg = load_config("demo", [*TINY, "solver.max_iters=2", "eval_period=1", "checkpoint_period=0"])
     train(cfg, tmp_path / "val", tiny_data, progress=True)
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[eval]")]
-    assert [line.split(":")[0] for line in lines] == ["[eval] iteration 1/2", "[eval] iteration 2/2"]
-    assert all("student AP" in line for line in lines)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("[eval]")]
+    assert [line.split(";")[0] for line in lines] == ["[eval] iteration 1/2: student AP 11.00",
+                                                      "[eval] iteration 2/2: student AP 22.00"]
+    final_bar = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert final_bar.startswith("train: 100%") and "AP=22.0" in final_bar, final_bar  # not 11.0
     train(cfg, tmp_path / "none", _no_val(tiny_data), progress=True)
     assert "[eval]" not in capsys.readouterr().err

@@ -237,6 +237,18 @@ def evaluation_line(step: int, max_iters: int, row: dict, labeller: str, thresho
     return f"[eval] iteration {step}/{max_iters}: {'; '.join(parts)}"
 
 
+def progress_postfix(train: dict[str, str], evaluation: dict, threshold: float) -> dict[str, str]:
+    """The progress bar's numbers: ``train`` (the last log window's), then the student's AP and
+    its teacher's pseudo-label precision at the last evaluation, if any."""
+    postfix = dict(train)
+    if evaluation.get("student_AP") is not None:
+        postfix["AP"] = f"{evaluation['student_AP']:.1f}"
+        precision = evaluation.get(f"teacher_pl_precision@{threshold:g}")
+        if precision is not None:
+            postfix["pl_prec"] = f"{precision:.2f}"
+    return postfix
+
+
 def _warn_more_objects_than_queries(dataset: CocoDataset, num_queries: int) -> None:
     """The model predicts at most ``num_queries`` objects per image; the matcher leaves the others
     of a more crowded image unmatched."""
@@ -827,6 +839,7 @@ def _train(
     )
     window: dict[str, float] = {}
     window_steps = 0
+    postfix: dict[str, str] = {}  # the progress bar's latest training numbers
     nonfinite_in_a_row = 0
     skipped_steps = 0
     t_window = time.perf_counter()
@@ -966,16 +979,11 @@ def _train(
             if main_process:
                 step_log.write(row)
                 _add_scalars(tensorboard, row, "train")
-            postfix = {"loss": f"{row['loss']:.2f}"}
+            postfix["loss"] = f"{row['loss']:.3g}"
             if teacher is not None:
-                postfix["unsup"] = f"{row['loss_unsup']:.2f}"
+                postfix["unsup"] = f"{row['loss_unsup']:.3g}"
                 postfix["pl/img"] = f"{row['pl_per_image']:.1f}"
-            if last_eval.get("student_AP") is not None:
-                postfix["AP"] = f"{last_eval['student_AP']:.1f}"
-                precision_key = f"teacher_pl_precision@{dist.score_threshold:g}"
-                if last_eval.get(precision_key) is not None:
-                    postfix["pl_prec"] = f"{last_eval[precision_key]:.2f}"
-            bar.set_postfix(postfix, refresh=False)  # shown at the next update
+            bar.set_postfix(progress_postfix(postfix, last_eval, dist.score_threshold), refresh=False)
             window, window_steps, t_window = {}, 0, time.perf_counter()
         if (
             main_process
@@ -1002,6 +1010,9 @@ def _train(
                 # Bad validation data shows up here, eval_period iterations in: keep them.
                 save_then_raise(err, done, f"evaluation at iteration {done} failed")
             if progress and val_loader is not None:
+                # Before the line is written: the bar drawn under it shows this evaluation.
+                bar.set_postfix(progress_postfix(postfix, last_eval, dist.score_threshold),
+                                refresh=False)
                 who = "teacher" if teacher is not None else "student"
                 bar.write(evaluation_line(done, max_iters, last_eval, who, dist.score_threshold),
                           file=sys.stderr)
