@@ -567,7 +567,7 @@ def test_report_with_checkpoint_draws_predictions_and_pseudo_labels(checkpoint, 
     assert "![predictions](predictions.png)" in summary
     assert "![pseudo_label_views](pseudo_label_views.png)" in summary
     assert "| iterations | 20 of 368750 |" in summary  # the checkpoint's config
-    assert "| best student AP | 1.50 (iteration 20) |" in summary
+    assert "| best model AP | 1.50 (iteration 20) |" in summary  # stage A: the future teacher
     assert "teacher AP" not in summary
 
 

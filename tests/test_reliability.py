@@ -608,8 +608,8 @@ def test_eval_lines_only_for_runs_with_a_validation_set(tiny_data, tmp_path, cap
     train(cfg, tmp_path / "val", tiny_data, progress=True)
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("[eval]")]
-    assert [line.split(";")[0] for line in lines] == ["[eval] iteration 1/2: student AP 11.00",
-                                                      "[eval] iteration 2/2: student AP 22.00"]
+    assert [line.split(";")[0] for line in lines] == ["[eval] iteration 1/2: model AP 11.00",
+                                                      "[eval] iteration 2/2: model AP 22.00"]
     final_bar = err.replace("\r", "\n").strip().splitlines()[-1]
     assert final_bar.startswith("train: 100%") and "AP=22.0" in final_bar, final_bar  # not 11.0
     train(cfg, tmp_path / "none", _no_val(tiny_data), progress=True)

@@ -423,6 +423,12 @@ def test_evaluation_line_names_each_model_and_the_labellers_pseudo_labels():
         "score > 0.7: precision 0.650, recall 0.521"
     )
     assert evaluation_line(5, 9, {"student_AP": None}, "student", 0.7) == "[eval] iteration 5/9: no AP"
+    # Stage A trains the future teacher: "model", not "student".
+    row = {"student_AP": 20.0, "ema_AP": 21.0, "student_pl_precision@0.7": 0.5}
+    assert evaluation_line(9, 9, row, "student", 0.7) == (
+        "[eval] iteration 9/9: model AP 20.00, EMA model AP 21.00; model's pseudo-labels at "
+        "score > 0.7: precision 0.500"
+    )
 
 
 def test_a_diverged_teacher_stops_distillation_in_one_line(tiny_data, stage_a, tmp_path):

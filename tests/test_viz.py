@@ -280,3 +280,56 @@ def test_labels_stay_inside_the_picture_and_clear_of_each_other():
     assert min(map(len, rows)) >= 9 and not rows[0] & rows[1]  # two whole labels, not overlapping
     cols = np.nonzero((out == class_color(0)).all(2).any(0))[0]
     assert cols.min() >= 0 and cols.max() <= 59 and cols.max() - cols.min() > 40  # cut to fit
+
+
+def _figures_drawn(monkeypatch) -> dict:
+    import gdistill.viz as viz
+
+    figures = {}
+
+    def keep(fig, path):
+        figures[path.name] = fig
+        return path
+
+    monkeypatch.setattr(viz, "_save_figure", keep)
+    return figures
+
+
+def test_curves_mark_the_hand_over_where_the_config_puts_it(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    _fake_distill_run(run)  # phases change between the log rows at 50 and 60
+    (run / "config.yaml").write_text("distill:\n  burn_in: guided\n  burnin_iters: 55\n")
+    figures = _figures_drawn(monkeypatch)
+    plot_training_curves(run)
+    for name in ("losses.png", "ap.png", "pseudo_labels.png", "pseudo_label_quality.png"):
+        ax = figures[name].axes[0]
+        marks = [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == ":"]
+        assert marks == [55], name
+    legend = [t.get_text() for t in figures["ap.png"].axes[0].get_legend().get_texts()]
+    assert legend == ["student AP", "teacher AP"]
+    (run / "config.yaml").unlink()  # without it: after the last row of burn-in
+    plot_training_curves(run)
+    marks = [line.get_xdata()[0] for line in figures["losses.png"].axes[0].get_lines()
+             if line.get_linestyle() == ":"]
+    assert marks == [50]
+
+
+def test_curves_of_a_single_row_show_a_point_on_whole_iterations(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    _write_csv(run / "metrics.csv", [{"step": 20, "loss": 3.0}])
+    _write_csv(run / "eval.csv", [{"step": 20, "student_AP": 5.0, "student_pl_precision@0.7": "None",
+                                   "student_pl_recall@0.7": 0.0}])
+    figures = _figures_drawn(monkeypatch)
+    plot_training_curves(run)
+    [line] = figures["losses.png"].axes[0].get_lines()
+    assert line.get_marker() == "o"
+    for fig in figures.values():
+        ticks = [t for t in fig.axes[0].get_xticks() if fig.axes[0].get_xlim()[0] <= t]
+        assert all(float(t).is_integer() for t in ticks)
+    [ap_legend] = [t.get_text() for t in figures["ap.png"].axes[0].get_legend().get_texts()]
+    assert ap_legend == "model AP"  # stage A: the future teacher, not a student
+    precision, recall = figures["pseudo_label_quality.png"].axes
+    assert [t.get_text() for t in precision.texts] == ["no pseudo-label kept yet"]
+    assert precision.get_xlim() == recall.get_xlim()
+    assert precision.get_title().startswith("model's pseudo-label precision")

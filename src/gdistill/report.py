@@ -25,6 +25,7 @@ from gdistill.engine.evaluate import validation_picture
 from gdistill.engine.run_info import read_run_info
 from gdistill.errors import GdistillError
 from gdistill.viz import (
+    model_names,
     plot_training_curves,
     read_csv_columns,
     save_pseudo_label_grid,
@@ -181,9 +182,10 @@ def _summary(
         rows.append(("unlabelled source", f"`{info['unlabelled']}`"))
     if info.get("teacher_checkpoint"):
         rows.append(("teacher checkpoint", f"`{info['teacher_checkpoint']}`"))
+    names = model_names(stage_b=stage == "distill" or "teacher_AP" in evals)
     best = _best(evals, "student_AP")
     if best:
-        rows.append(("best student AP", f"{best[0]:.2f} (iteration {best[1]})"))
+        rows.append((f"best {names['student']} AP", f"{best[0]:.2f} (iteration {best[1]})"))
     for key, label in (("teacher_AP", "final teacher AP"), ("ema_AP", "final EMA model AP")):
         final = _last_finite(evals, key)
         if final:
@@ -197,7 +199,7 @@ def _summary(
             rows.append(
                 (
                     f"pseudo-label precision / recall at score > {t:g}",
-                    f"{precision[0]:.3f} / {recall[0]:.3f} ({who}, iteration {precision[1]})",
+                    f"{precision[0]:.3f} / {recall[0]:.3f} ({names[who]}, iteration {precision[1]})",
                 )
             )
         by_size = [

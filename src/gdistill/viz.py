@@ -20,8 +20,11 @@ import torch.nn.functional as F
 from matplotlib import colormaps, get_data_path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw, ImageFont
 
+from gdistill.config import load_config
+from gdistill.distill.schedule import handover_step
 from gdistill.errors import GdistillError
 
 CELL_SIZE = 320  # long side of one picture in a grid, in pixels
@@ -380,7 +383,22 @@ def _new_figure(size: tuple[float, float] = CURVE_SIZE, columns: int = 1) -> tup
     for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.set_xlabel("iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return fig, axes
+
+
+def _mark_handover(ax, handover: int | None) -> None:
+    """A dotted line where the teacher was handed over to the student (stage B)."""
+    if handover is None:
+        return
+    ax.axvline(handover, color="gray", ls=":", lw=1)
+    ax.annotate("hand-over", (handover, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                textcoords="offset points", fontsize=8, color="gray")
+
+
+def _line_style(x: np.ndarray) -> dict:
+    """A single point is drawn as a marker (a line through one point shows nothing)."""
+    return {"marker": "o", "ms": 4} if len(x) == 1 else {}
 
 
 def _save_figure(fig: Figure, path: Path) -> Path:
@@ -394,7 +412,7 @@ def _finite(steps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return steps[ok], values[ok]
 
 
-def _plot_losses(metrics: dict[str, list[str]], path: Path) -> Path | None:
+def _plot_losses(metrics: dict[str, list[str]], path: Path, handover: int | None = None) -> Path | None:
     steps = to_floats(metrics.get("step", []))
     fig, (ax,) = _new_figure()
     drawn, positive = 0, True
@@ -411,7 +429,7 @@ def _plot_losses(metrics: dict[str, list[str]], path: Path) -> Path | None:
         x, y = _finite(steps, to_floats(metrics[key]))
         if not len(y):
             continue
-        ax.plot(x, y, label=labels[key], lw=1.2)
+        ax.plot(x, y, label=labels[key], lw=1.2, **_line_style(x))
         positive &= bool(np.all(y > 0))
         drawn += 1
     if not drawn:
@@ -424,11 +442,13 @@ def _plot_losses(metrics: dict[str, list[str]], path: Path) -> Path | None:
     if phases:
         for i in range(len(phases)):
             if (i == 0 or phases[i] != phases[i - 1]) and math.isfinite(steps[i]):
+                # A log row ends its window: the phase began after the row before it.
+                start = steps[i] if i == 0 else handover if handover is not None else steps[i - 1]
                 if i > 0:
-                    ax.axvline(steps[i], color="gray", ls=":", lw=1)
+                    ax.axvline(start, color="gray", ls=":", lw=1)
                 ax.annotate(
                     phases[i],
-                    (steps[i], 1.0),
+                    (start, 1.0),
                     xycoords=("data", "axes fraction"),
                     xytext=(3, -12),
                     textcoords="offset points",
@@ -441,10 +461,11 @@ def _plot_losses(metrics: dict[str, list[str]], path: Path) -> Path | None:
     return _save_figure(fig, path)
 
 
-def _plot_ap(evals: dict[str, list[str]], path: Path) -> Path | None:
+def _plot_ap(evals: dict[str, list[str]], path: Path, handover: int | None = None) -> Path | None:
     steps = to_floats(evals.get("step", []))
     fig, (ax,) = _new_figure()
     drawn = 0
+    names = model_names(stage_b="teacher_AP" in evals)
     for who, color in (("student", "tab:blue"), ("teacher", "tab:orange"), ("ema", "tab:green")):
         for stat, style in (("AP", "-"), ("AP50", "--")):
             key = f"{who}_{stat}"
@@ -453,14 +474,14 @@ def _plot_ap(evals: dict[str, list[str]], path: Path) -> Path | None:
             x, y = _finite(steps, to_floats(evals[key]))
             if not len(y):
                 continue
-            ax.plot(x, y, style, color=color, marker="o", ms=3, label=f"{who} {stat}")
+            ax.plot(x, y, style, color=color, marker="o", ms=3, label=f"{names[who]} {stat}")
             drawn += 1
             if stat == "AP":
                 best = int(np.argmax(y))
                 ax.annotate(
                     f"{y[best]:.1f}",
                     (x[best], y[best]),
-                    xytext=(0, 6),
+                    xytext=(0, 6 + 10 * (drawn // 2)),  # apart where two models tie
                     textcoords="offset points",
                     ha="center",
                     fontsize=8,
@@ -468,20 +489,24 @@ def _plot_ap(evals: dict[str, list[str]], path: Path) -> Path | None:
                 )
     if not drawn:
         return None
+    _mark_handover(ax, handover)
     ax.set_ylabel("mask AP (%)")
     ax.set_title("validation mask AP")
     ax.legend()
     return _save_figure(fig, path)
 
 
-def _plot_pseudo_label_count(metrics: dict[str, list[str]], path: Path) -> Path | None:
+def _plot_pseudo_label_count(
+    metrics: dict[str, list[str]], path: Path, handover: int | None = None
+) -> Path | None:
     if "pl_per_image" not in metrics:
         return None
     x, y = _finite(to_floats(metrics.get("step", [])), to_floats(metrics["pl_per_image"]))
     if not len(y):
         return None
     fig, (ax,) = _new_figure()
-    ax.plot(x, y, color="tab:green", lw=1.2, label="kept per unlabelled image")
+    ax.plot(x, y, color="tab:green", lw=1.2, label="kept per unlabelled image", **_line_style(x))
+    _mark_handover(ax, handover)
     ax.set_ylabel("pseudo-labels per image")
     ax.set_title("pseudo-labels kept by the teacher's filter")
     ax.legend()
@@ -491,7 +516,9 @@ def _plot_pseudo_label_count(metrics: dict[str, list[str]], path: Path) -> Path 
 _QUALITY = re.compile(r"^(student|teacher)_pl_(precision|recall)@(.+)$")
 
 
-def _plot_pseudo_label_quality(evals: dict[str, list[str]], path: Path) -> Path | None:
+def _plot_pseudo_label_quality(
+    evals: dict[str, list[str]], path: Path, handover: int | None = None
+) -> Path | None:
     found: dict[str, dict[str, dict[float, str]]] = {}
     for key in evals:
         match = _QUALITY.match(key)
@@ -526,12 +553,38 @@ def _plot_pseudo_label_quality(evals: dict[str, list[str]], path: Path) -> Path 
             drawn += 1
         ax.set_ylim(-0.02, 1.02)
         ax.set_ylabel(what)
-        ax.set_title(f"{who} pseudo-label {what} (IoU >= 0.5, right class)")
-        if ax.get_lines():  # none where e.g. no pseudo-label passed any threshold yet
+        ax.set_title(f"{model_names(who == 'teacher')[who]}'s pseudo-label {what} "
+                     "(IoU >= 0.5, right class)")
+        _mark_handover(ax, handover)
+        if ax.get_lines():
             ax.legend(fontsize=8)
+        else:  # precision is undefined while no pseudo-label passes any threshold
+            ax.text(0.5, 0.5, "no pseudo-label kept yet", transform=ax.transAxes, ha="center",
+                    color="gray")
+    xs = [x for ax in axes for line in ax.get_lines() for x in line.get_xdata()]
+    if xs:  # both panels over the same iterations, also where one is empty
+        low, high = min(xs), max(xs)
+        pad = max(1.0, 0.05 * (high - low))
+        for ax in axes:
+            ax.set_xlim(low - pad, high + pad)
     if not drawn:
         return None
     return _save_figure(fig, path)
+
+
+def model_names(stage_b: bool) -> dict[str, str]:
+    """How logs and pictures name the models of an eval.csv: in stage A the one trained is the
+    future teacher, not a student."""
+    return {"student": "student" if stage_b else "model", "teacher": "teacher", "ema": "EMA model"}
+
+
+def _handover_step(run_dir: Path) -> int | None:
+    """The iteration a stage-B run handed its teacher over, from its config.yaml."""
+    try:
+        cfg = load_config(run_dir / "config.yaml")
+    except (GdistillError, OSError):
+        return None
+    return handover_step(cfg.distill.burn_in, cfg.distill.burnin_iters) or None
 
 
 def plot_training_curves(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
@@ -545,10 +598,11 @@ def plot_training_curves(run_dir: str | Path, out_dir: str | Path | None = None)
     out.mkdir(parents=True, exist_ok=True)
     metrics = read_csv_columns(run_dir / "metrics.csv")
     evals = read_csv_columns(run_dir / "eval.csv")
+    handover = _handover_step(run_dir) if metrics.get("phase") else None
     written = [
-        _plot_losses(metrics, out / "losses.png"),
-        _plot_ap(evals, out / "ap.png"),
-        _plot_pseudo_label_count(metrics, out / "pseudo_labels.png"),
-        _plot_pseudo_label_quality(evals, out / "pseudo_label_quality.png"),
+        _plot_losses(metrics, out / "losses.png", handover),
+        _plot_ap(evals, out / "ap.png", handover),
+        _plot_pseudo_label_count(metrics, out / "pseudo_labels.png", handover),
+        _plot_pseudo_label_quality(evals, out / "pseudo_label_quality.png", handover),
     ]
     return [p for p in written if p is not None]

@@ -90,7 +90,7 @@ from gdistill.model.mask2former import (
     images_to_model_input,
 )
 from gdistill.model.matcher import HungarianMatcher
-from gdistill.viz import plot_training_curves, save_pseudo_label_grid
+from gdistill.viz import model_names, plot_training_curves, save_pseudo_label_grid
 
 MAX_NONFINITE_IN_A_ROW = 5
 
@@ -227,13 +227,15 @@ def evaluation_line(step: int, max_iters: int, row: dict, labeller: str, thresho
     """One evaluation's numbers as a log line: the AP of each model evaluated, and the
     pseudo-label precision and recall of ``labeller`` (the model that makes them) at the
     configured score threshold."""
-    aps = [f"{who} AP {row[f'{who}_AP']:.2f}" for who in ("student", "teacher", "ema")
+    names = model_names(stage_b=labeller == "teacher")
+    aps = [f"{names[who]} AP {row[f'{who}_AP']:.2f}" for who in ("student", "teacher", "ema")
            if row.get(f"{who}_AP") is not None]
     parts = [", ".join(aps) or "no AP"]
     quality = [f"{kind} {value:.3f}" for kind in ("precision", "recall")
                if (value := row.get(f"{labeller}_pl_{kind}@{threshold:g}")) is not None]
     if quality:
-        parts.append(f"{labeller}'s pseudo-labels at score > {threshold:g}: {', '.join(quality)}")
+        parts.append(f"{names[labeller]}'s pseudo-labels at score > {threshold:g}: "
+                     f"{', '.join(quality)}")
     return f"[eval] iteration {step}/{max_iters}: {'; '.join(parts)}"
 
 
