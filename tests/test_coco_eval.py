@@ -150,6 +150,11 @@ def test_per_class_ap_and_table():
     assert table[3].split() == ["class", "AP"]
     assert table[4].split() == ["cat", "100.00"]
     assert table[5].split() == ["dog", "40.00"]
+    # Wide (CJK) and combining characters: the AP column still lines up on a terminal.
+    metrics["per_class"] = {"長方形": 12.5, "e\u0301toile": 3.0, "circle": 50.0}
+    lines = format_metrics_table(metrics).splitlines()[3:]
+    assert [line[-6:] for line in lines] == ["    AP", " 12.50", "  3.00", " 50.00"]
+    assert lines[1] == "長方形  " + " 12.50" and lines[2] == "e\u0301toile  " + "  3.00"
 
 
 def _random_problem(rng, num_images=10, size=128):

@@ -1,4 +1,5 @@
 import csv
+import warnings
 
 import numpy as np
 import pytest
@@ -333,3 +334,35 @@ def test_curves_of_a_single_row_show_a_point_on_whole_iterations(tmp_path, monke
     assert [t.get_text() for t in precision.texts] == ["no pseudo-label kept yet"]
     assert precision.get_xlim() == recall.get_xlim()
     assert precision.get_title().startswith("model's pseudo-label precision")
+
+
+def test_letters_no_font_draws_are_warned_once(monkeypatch):
+    from matplotlib import font_manager
+
+    import gdistill.viz as viz
+
+    monkeypatch.setattr(font_manager, "findSystemFonts", lambda *a, **k: [])
+    viz._font_with.cache_clear()
+    viz._warn_missing_glyphs.cache_clear()
+    image = np.zeros((32, 48, 3), np.uint8)
+    masks = np.ones((1, 32, 48), bool)
+    with pytest.warns(UserWarning, match=r"no font here draws '長方形' of a class name: it is drawn "
+                      "as boxes") as caught:
+        for _ in range(3):
+            overlay_instances(image, masks, [0], [0.9], ["長方形 é"])
+    assert len(caught) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        overlay_instances(image, masks, [0], [0.9], ["étoile Ж"])  # DejaVu Sans draws these
+    viz._font_with.cache_clear()
+
+
+def test_a_system_font_draws_what_dejavu_lacks():
+    import gdistill.viz as viz
+
+    viz._font_with.cache_clear()
+    path = viz._font_with("長")
+    if path is None:
+        pytest.skip("no font with CJK letters on this machine")
+    assert viz._label_font("長方形 0.90", 12).path == path
+    assert viz._label_font("circle 0.90", 12) is viz._font(12)

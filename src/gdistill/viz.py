@@ -11,13 +11,15 @@ import csv
 import functools
 import math
 import re
+import unicodedata
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib import colormaps, get_data_path
+from matplotlib import colormaps, font_manager, get_data_path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -62,6 +64,55 @@ def _font(size: int = 12) -> ImageFont.ImageFont:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: a fixed bitmap font
         return ImageFont.load_default()
+
+
+def _label_font(text: str, size: int) -> ImageFont.ImageFont:
+    """DejaVu Sans, or for a label with letters it lacks (Chinese, Japanese, Korean, ...) the
+    first font of the system's that has them all; where none has, DejaVu Sans and a warning."""
+    missing = "".join(dict.fromkeys(ch for ch in text if not _has_glyph(_font(size), ch)))
+    if not missing:
+        return _font(size)
+    path = _font_with(missing)
+    if path is None:
+        _warn_missing_glyphs(missing[:8])
+        return _font(size)
+    return _font_at(path, size)
+
+
+def _has_glyph(font: ImageFont.ImageFont, ch: str) -> bool:
+    if ch.isspace() or unicodedata.category(ch).startswith(("C", "M")):
+        return True  # spaces, controls and combining marks draw nothing of their own
+    return np.asarray(font.getmask(ch)).tobytes() != np.asarray(font.getmask("\U0010fffd")).tobytes()
+
+
+@functools.lru_cache(maxsize=64)
+def _font_with(chars: str) -> str | None:
+    """The path of a system font that draws every one of ``chars`` (searched on each first
+    use, so a font installed since is found)."""
+    paths = sorted(p for p in font_manager.findSystemFonts()
+                   if "LastResort" not in p and "DejaVu" not in p)
+    for path in paths:
+        try:
+            font = _font_at(path, 16)
+        except OSError:
+            continue
+        if all(_has_glyph(font, ch) for ch in chars):
+            return path
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def _font_at(path: str, size: int) -> ImageFont.ImageFont:
+    return ImageFont.truetype(path, size)
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_missing_glyphs(chars: str) -> None:  # once per set of letters
+    warnings.warn(
+        f"no font here draws {chars!r} of a class name: it is drawn as boxes in the pictures; "
+        "install a font that has it (e.g. Noto Sans CJK: Debian's fonts-noto-cjk)",
+        stacklevel=4,
+    )
 
 
 def _text_color(background: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -199,7 +250,7 @@ def overlay_instances(
     picture = Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
 
     draw = ImageDraw.Draw(picture)
-    font = _font(label_font_size(height, width))
+    size = label_font_size(height, width)
     placed: list[tuple[int, int, int, int]] = []
     # The surest instances choose their label's place first.
     by_score = order if scores_np is None else sorted(order, key=lambda i: -scores_np[i])
@@ -207,6 +258,7 @@ def overlay_instances(
         text = _class_name(int(labels_np[i]), class_names)
         if scores_np is not None:
             text += f" {scores_np[i]:.2f}"
+        font = _label_font(text, size)
         text, (left, top, right, bottom) = _fit_text(draw, text, font, width - 4)
         box_w, box_h = right - left + 4, bottom - top + 2
         y, x = _label_anchor(masks_np[i])

@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import unicodedata
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -160,10 +161,17 @@ def format_metrics_table(metrics: dict) -> str:
     ]
     per_class = metrics.get("per_class")
     if per_class:
-        width = max(len("class"), *(len(str(c)) for c in per_class))
+        width = max(_columns("class"), *(_columns(str(c)) for c in per_class))
         lines += ["", f"{'class'.ljust(width)}  {'AP':>6}"]
-        lines += [f"{str(c).ljust(width)}  {_fmt(ap):>6}" for c, ap in per_class.items()]
+        lines += [f"{c}{' ' * (width - _columns(str(c)))}  {_fmt(ap):>6}" for c, ap in per_class.items()]
     return "\n".join(lines)
+
+
+def _columns(text: str) -> int:
+    """Terminal columns of ``text``: East Asian wide and fullwidth characters take two, combining
+    marks none."""
+    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF"
+               else 1 for ch in text)
 
 
 # --------------------------------------------------------------------------------------------
