@@ -610,7 +610,9 @@ def test_eval_lines_only_for_runs_with_a_validation_set(tiny_data, tmp_path, cap
     lines = [line for line in err.splitlines() if line.startswith("[eval]")]
     assert [line.split(";")[0] for line in lines] == ["[eval] iteration 1/2: model AP 11.00",
                                                       "[eval] iteration 2/2: model AP 22.00"]
-    final_bar = err.replace("\r", "\n").strip().splitlines()[-1]
+    final_bar = err.strip().splitlines()[-1]
     assert final_bar.startswith("train: 100%") and "AP=22.0" in final_bar, final_bar  # not 11.0
+    # Written to a file (not a terminal): whole lines, no evaluation bars, no cursor moves.
+    assert "\r" not in err and "\x1b" not in err and "eval " not in err
     train(cfg, tmp_path / "none", _no_val(tiny_data), progress=True)
     assert "[eval]" not in capsys.readouterr().err

@@ -16,12 +16,12 @@ import shutil
 from pathlib import Path
 
 from PIL import Image
-from tqdm import tqdm
 
 from gdistill.data.coco import read_image
 from gdistill.data.sources import IMAGE_EXTENSIONS, UnlabelledImage, unlabelled_from_folder
 from gdistill.errors import GdistillError, UnreadableImageError
 from gdistill.evaluation.coco_eval import instances_to_coco_results, write_results
+from gdistill.progress import progress_bar
 from gdistill.viz import overlay_instances
 
 
@@ -82,9 +82,7 @@ def predict_to_folder(
 
     results: list[dict] = []
     images_info: list[dict] = []
-    bar = tqdm(
-        total=len(inputs), desc="predict", unit="img", disable=not progress, dynamic_ncols=True
-    )
+    bar = progress_bar(total=len(inputs), desc="predict", unit="img", disable=not progress)
     for start in range(0, len(inputs), batch_size):
         indices, arrays = [], []  # of the images read
         for index in range(start, min(start + batch_size, len(inputs))):

@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from gdistill.data.augment import resize_for_eval
 from gdistill.data.coco import CocoDataset, load_targets, read_image
@@ -18,6 +17,7 @@ from gdistill.distill.pseudo_labels import PseudoLabelQuality, suppress_duplicat
 from gdistill.engine.distributed import all_gather_objects, broadcast_object, rank
 from gdistill.evaluation.coco_eval import evaluate_masks, instances_to_coco_results
 from gdistill.model.mask2former import Instances, images_to_model_input, instances_from_outputs
+from gdistill.progress import progress_bar
 from gdistill.viz import CELL_SIZE, save_prediction_grid
 
 
@@ -42,7 +42,7 @@ def predict_batches(
     was_training = model.training
     model.eval()
     try:
-        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        for batch in progress_bar(loader, nested=True, desc=desc, disable=not progress, leave=False):
             images = images_to_model_input(batch["images"].to(device, non_blocking=True))
             with autocast_for(device, amp):
                 outputs = model(images)

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from gdistill.config import (
     DEVICE_FORMS,
@@ -90,6 +89,7 @@ from gdistill.model.mask2former import (
     images_to_model_input,
 )
 from gdistill.model.matcher import HungarianMatcher
+from gdistill.progress import progress_bar
 from gdistill.viz import model_names, plot_training_curves, save_pseudo_label_grid
 
 MAX_NONFINITE_IN_A_ROW = 5
@@ -830,14 +830,11 @@ def _train(
             f"{cfg.distill.repeat_factor_threshold}",
             stacklevel=2,
         )
-    bar = tqdm(
+    bar = progress_bar(
         total=max_iters,
         initial=start_step,
         disable=not progress,
-        dynamic_ncols=True,
         desc="distill" if is_distill else "train",
-        # Written to a file (a cluster job's log), the bar is one more line per update.
-        mininterval=0.1 if sys.stderr.isatty() else 30.0,
     )
     window: dict[str, float] = {}
     window_steps = 0
