@@ -483,16 +483,7 @@ def test_the_schedule_warning_names_lr_steps_only_for_a_step_schedule():
 
 
 def test_stage_b_draws_labelled_images_by_repeat_factors(tiny_data, stage_a, tmp_path, monkeypatch):
-    import gdistill.engine.trainer as trainer_module
-
-    made = []
-    real = trainer_module.RepeatFactorSampler
-
-    def recording(factors, **kwargs):
-        made.append(list(factors))
-        return real(factors, **kwargs)
-
-    monkeypatch.setattr(trainer_module, "RepeatFactorSampler", recording)
+    made = _recording_repeat_factor_samplers(monkeypatch)
     overrides = [*TINY, "solver.max_iters=1", "eval_period=0", "distill.repeat_factor_threshold=10"]
     train(load_config("demo", overrides), tmp_path / "a", tiny_data, progress=False)
     assert made == []  # stage A: uniform, as the authors

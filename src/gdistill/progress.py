@@ -37,7 +37,8 @@ def progress_bar(iterable: Any = None, *, nested: bool = False, **kwargs: Any) -
     none for ``nested`` bars (an evaluation inside training: its lines would only interleave)."""
     terminal = sys.stderr.isatty()
     if not terminal:
-        kwargs["mininterval"] = 30.0
+        # tqdm's monitor thread would also redraw a bar idle for maxinterval (10 s).
+        kwargs["mininterval"] = kwargs["maxinterval"] = 30.0
         if nested:
             kwargs["disable"] = True
     return tqdm(iterable, file=sys.stderr if terminal else LogLines(sys.stderr),
