@@ -79,6 +79,7 @@ def _label_font(text: str, size: int) -> ImageFont.ImageFont:
     return _font_at(path, size)
 
 
+@functools.lru_cache(maxsize=4096)  # every label of every picture asks again
 def _has_glyph(font: ImageFont.ImageFont, ch: str) -> bool:
     if ch.isspace() or unicodedata.category(ch).startswith(("C", "M")):
         return True  # spaces, controls and combining marks draw nothing of their own
