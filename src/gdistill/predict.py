@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 from PIL import Image
 
+from gdistill.data.augment import eval_size
 from gdistill.data.coco import read_image
 from gdistill.data.sources import IMAGE_EXTENSIONS, UnlabelledImage, unlabelled_from_folder
 from gdistill.errors import GdistillError, UnreadableImageError
@@ -120,6 +122,8 @@ def predict_to_folder(
             Image.fromarray(picture).save(path)
         bar.update(min(batch_size, len(inputs) - start))
     bar.close()
+    _warn_squeezed_images(images_info, predictor.cfg.data.test_short_side,
+                          predictor.cfg.data.test_max_side)
 
     predictions = out_dir / "predictions.json"
     write_results(results, predictions)
@@ -133,3 +137,20 @@ def predict_to_folder(
         "overlays": overlay_dir,
         "skipped": skipped,
     }
+
+
+def _warn_squeezed_images(images: list[dict], short_side: int, max_side: int) -> None:
+    """Panoramas and long strips: the model's long-side cap reads them with a short side far
+    below the one it was trained for, where objects shrink to a few pixels; say so."""
+    squeezed = [(img, eval_size(img["height"], img["width"], short_side, max_side)) for img in images]
+    squeezed = [(img, size) for img, size in squeezed if min(size) < short_side / 2]
+    if squeezed:
+        img, (h, w) = squeezed[0]
+        warnings.warn(
+            f"{len(squeezed)} of {len(images)} images were read with their short side under half "
+            f"of the model's data.test_short_side={short_side}, their long side being capped at "
+            f"data.test_max_side={max_side} (first: {img['file_name']}, {img['width']}x"
+            f"{img['height']} read at {w}x{h}); objects in them may be missed: cut such images "
+            "into tiles closer to square",
+            stacklevel=3,
+        )
