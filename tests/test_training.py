@@ -431,6 +431,22 @@ def test_evaluation_line_names_each_model_and_the_labellers_pseudo_labels():
     )
 
 
+def test_progress_line_keeps_the_evaluation_on_an_80_column_terminal():
+    from tqdm import tqdm
+
+    from gdistill.engine.trainer import progress_postfix
+
+    train = {"loss": "18", "unsup": "10.1", "pl/img": "5.5"}
+    row = {"student_AP": 31.96, "teacher_pl_precision@0.7": 0.6612}
+    postfix = progress_postfix(train, row, 0.7)
+    assert list(postfix) == ["AP", "pl_prec", "loss", "unsup", "pl/img"]
+    assert postfix["AP"] == "32.0" and postfix["pl_prec"] == "0.66"
+    assert progress_postfix(train, {}, 0.7) == train
+    postfix_text = ", ".join(f"{k}={v}" for k, v in postfix.items())
+    line = tqdm.format_meter(405, 900, 303.0, ncols=80, prefix="distill", postfix=postfix_text)
+    assert len(line) <= 80 and "AP=32.0, pl_prec=0.66" in line
+
+
 def test_a_diverged_teacher_stops_distillation_in_one_line(tiny_data, stage_a, tmp_path):
     payload = load_checkpoint(stage_a / "best.pt")
     bias = next(k for k in payload["model"] if k.endswith("class_embed.bias"))

@@ -240,14 +240,17 @@ def evaluation_line(step: int, max_iters: int, row: dict, labeller: str, thresho
 
 
 def progress_postfix(train: dict[str, str], evaluation: dict, threshold: float) -> dict[str, str]:
-    """The progress bar's numbers: ``train`` (the last log window's), then the student's AP and
-    its teacher's pseudo-label precision at the last evaluation, if any."""
-    postfix = dict(train)
+    """The progress bar's numbers: the student's AP and its teacher's pseudo-label precision at
+    the last evaluation, if any, then ``train`` (the last log window's). The evaluation comes
+    first because tqdm cuts a line wider than the terminal at its end (an 80-column terminal keeps
+    about 30 characters of postfix), and the losses are in metrics.csv anyway."""
+    postfix = {}
     if evaluation.get("student_AP") is not None:
         postfix["AP"] = f"{evaluation['student_AP']:.1f}"
         precision = evaluation.get(f"teacher_pl_precision@{threshold:g}")
         if precision is not None:
             postfix["pl_prec"] = f"{precision:.2f}"
+    postfix.update(train)
     return postfix
 
 
