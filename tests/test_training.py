@@ -242,8 +242,11 @@ def test_init_weights_starts_from_checkpoint(tiny_data, stage_a, tmp_path):
 
 def test_backbone_freezing_follows_the_run_not_the_checkpoint(tiny_data, stage_a, tmp_path):
     # The stage-A checkpoint trained its BatchNorm layers; this run freezes them.
+    # The hand-over at step 1 pairs the teacher's BatchNorm affines (parameters, as in stage A)
+    # with the student's (buffers of FrozenBatchNorm2d): it stopped with a KeyError.
     cfg = load_config("demo", [*TINY, "solver.max_iters=2", "eval_period=0", "model.frozen_bn=true",
-                               "model.frozen_stages=0", "distill.student_init=teacher"])
+                               "model.frozen_stages=0", "distill.student_init=teacher",
+                               "distill.burnin_iters=1"])
     train(cfg, tmp_path / "f", tiny_data, teacher_checkpoint=stage_a / "best.pt", progress=False)
     start = _weights(load_checkpoint(stage_a / "best.pt"), "model")
     after = load_checkpoint(tmp_path / "f" / "last.pt")
@@ -254,6 +257,10 @@ def test_backbone_freezing_follows_the_run_not_the_checkpoint(tiny_data, stage_a
     # the rest of the backbone trained (frozen_stages=0 unfreezes the demo preset's stem)
     assert not torch.equal(start["backbone.body.conv_stem.weight"],
                            after["model"]["backbone.body.conv_stem.weight"])
+    # and the teacher took the student's weights at the hand-over, BatchNorm included
+    assert not torch.equal(start["backbone.body.conv_stem.weight"],
+                           after["teacher"]["backbone.body.conv_stem.weight"])
+    assert all(torch.equal(start[k], after["teacher"][k]) for k in bn)
 
 
 def test_frozen_bn_on_a_random_backbone_warns(tiny_data, tmp_path):

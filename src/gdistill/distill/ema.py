@@ -18,16 +18,16 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
     decay 0 copies the student (the hand-over at the end of burn-in). Integer buffers (BN's
     ``num_batches_tracked``) are copied. Runs under ``no_grad``: nothing enters the autograd graph.
     The blend is one multi-tensor ``lerp`` over all tensors (same arithmetic as per-tensor lerp_).
+
+    Tensors are paired by name whether each side holds a parameter or a buffer: a stage-B run with
+    ``model.frozen_bn`` other than its stage-A teacher's has BatchNorm affines as buffers on one
+    side (FrozenBatchNorm2d) and parameters on the other.
     """
     student = unwrap(student)
-    student_params = dict(student.named_parameters())
+    student_tensors = {**dict(student.named_parameters()), **dict(student.named_buffers())}
     blend_t, blend_s, copy_t, copy_s = [], [], [], []
-    for name, t in teacher.named_parameters():
-        blend_t.append(t)
-        blend_s.append(student_params[name].detach())
-    student_buffers = dict(student.named_buffers())
-    for name, t in teacher.named_buffers():
-        s = student_buffers[name]
+    for name, t in [*teacher.named_parameters(), *teacher.named_buffers()]:
+        s = student_tensors[name].detach()
         if t.is_floating_point():
             blend_t.append(t)
             blend_s.append(s.to(dtype=t.dtype, device=t.device))
