@@ -330,3 +330,39 @@ def test_dinov2_weights_as_released_load_without_a_warning(tmp_path):
         warnings.simplefilter("error")
         bb = TimmBackbone("vit_small_patch14_dinov2", depth=1, img_size=70, weights_path=path)
     torch.testing.assert_close(bb.body.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
+
+
+def _drop_rates(module):
+    return [m.drop_prob for m in module.modules() if type(m).__name__ == "DropPath"]
+
+
+def test_drop_path_rate_reaches_the_trunk_and_a_model_without_it_needs_zero(monkeypatch):
+    kwargs = dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 1, 1, 1))
+    swin = TimmBackbone("swin_tiny_patch4_window7_224", drop_path_rate=0.3, **kwargs)
+    # timm spreads the rate linearly over the blocks, the last one gets all of it
+    assert max(_drop_rates(swin)) == pytest.approx(0.3)
+    assert not _drop_rates(TimmBackbone("swin_tiny_patch4_window7_224", **kwargs))  # 0: none
+
+    real = timm.create_model
+
+    def without_drop_path(name, **kw):
+        if "drop_path_rate" in kw:
+            raise TypeError("__init__() got an unexpected keyword argument 'drop_path_rate'")
+        return real(name, **kw)
+
+    monkeypatch.setattr(timm, "create_model", without_drop_path)
+    assert TimmBackbone("resnet18").channels == [64, 128, 256, 512]
+    with pytest.raises(GdistillError, match=r"model.backbone=resnet18 has no stochastic depth: "
+                       r"model.drop_path_rate=0.2 cannot apply"):
+        TimmBackbone("resnet18", drop_path_rate=0.2)
+
+
+def test_paper_presets_start_from_the_papers_weights():
+    from gdistill.config import Config, load_config
+
+    # timm's plain "resnet50" resolves to another recipe's weights (a1_in1k)
+    for cfg in (Config(), load_config("coco_r50"), load_config("cityscapes_r50")):
+        model = timm.create_model(cfg.model.backbone, pretrained=False)
+        assert model.pretrained_cfg["tag"] == "tv_in1k", cfg.model.backbone
+    assert load_config("coco_swin_l").model.drop_path_rate == 0.3
+    assert Config().model.drop_path_rate == 0.0

@@ -46,6 +46,28 @@ def test_optimizer_groups_backbone_lr_and_no_decay_for_norms():
     assert len(by_param) == len(list(model.parameters()))
 
 
+def test_optimizer_decays_what_mask2former_decays_in_the_real_model():
+    from tiny_config import TINY
+
+    from gdistill.config import load_config
+    from gdistill.model.mask2former import build_model
+
+    cfg = load_config("demo", [*TINY, "model.pretrained=false", "model.backbone_weights="])
+    model = build_model(cfg.model, 3)
+    opt = build_optimizer(model, lr=1e-4, weight_decay=0.05, backbone_lr_mult=0.1)
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    # the pixel decoder's level embedding is a bare parameter: decayed, as in Mask2Former
+    assert decay[id(named["pixel_decoder.level_embed"])] == 0.05
+    # exactly the parameters of norm layers and embedding tables are not
+    modules = dict(model.named_modules())
+    for name, param in named.items():
+        if id(param) in decay:
+            kind = type(modules[name.rpartition(".")[0]]).__name__
+            exempt = "Norm" in kind or kind == "Embedding"
+            assert (decay[id(param)] == 0.0) == exempt, (name, kind)
+
+
 def test_checkpoint_round_trip_and_atomic_rotation(tmp_path):
     rotate_and_save({"step": 1, "model": {"w": torch.ones(2)}}, tmp_path)
     rotate_and_save({"step": 2, "model": {"w": torch.zeros(2)}}, tmp_path)

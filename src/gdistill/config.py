@@ -47,11 +47,14 @@ class DataConfig:
 class ModelConfig:
     """Mask2Former (paper: R50 config of Mask2Former / GuidedDistillation)."""
 
-    backbone: str = "resnet50"  # any timm model name
+    # any timm model name; tv_in1k: torchvision's ImageNet weights, which the paper's R50 starts
+    # from (timm's plain "resnet50" is another recipe's, a1_in1k)
+    backbone: str = "resnet50.tv_in1k"
     pretrained: bool = True  # timm weights (downloads); ignored when backbone_weights is set
     backbone_weights: str = ""  # local weights file for the backbone (state dict)
     frozen_stages: int = 0  # 0: train all; n: freeze stem and the first n - 1 stages
     frozen_bn: bool = True  # backbone BatchNorm: fixed statistics and affine (COCO R50: FrozenBN)
+    drop_path_rate: float = 0.0  # the backbone's stochastic depth (Mask2Former's Swin: 0.3)
     num_classes: int = 0  # K thing classes; filled in from the labelled data
     hidden_dim: int = 256
     num_queries: int = 100
@@ -422,6 +425,7 @@ _BOUNDS = {
     "model.enc_dim_feedforward": _AT_LEAST_1,
     "model.mask_dim": _AT_LEAST_1,
     "model.pixel_std": _ABOVE_0,
+    "model.drop_path_rate": _IN_0_1_OPEN_TOP,
     "model.size_divisibility": _AT_LEAST_1,
     "model.detections_per_image": _AT_LEAST_1,
     "loss.class_weight": _AT_LEAST_0,

@@ -21,8 +21,10 @@ _NORM_TYPES = (
 def build_optimizer(
     model: nn.Module, lr: float, weight_decay: float, backbone_lr_mult: float
 ) -> torch.optim.AdamW:
-    """Backbone parameters get ``lr · backbone_lr_mult``; norm layers, embeddings and biases-free
-    position tables get no weight decay (Mask2Former's WEIGHT_DECAY_NORM / _EMBED = 0)."""
+    """Backbone parameters get ``lr · backbone_lr_mult``; norm layers, ``nn.Embedding`` tables
+    (queries, the decoder's level embedding) and Swin's position tables get no weight decay
+    (Mask2Former's WEIGHT_DECAY_NORM / _EMBED = 0). Bare parameters are decayed as there: the pixel
+    decoder's ``level_embed``, a ViT's ``pos_embed`` and ``cls_token``."""
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     seen: set[int] = set()
     for module_name, module in model.named_modules():
@@ -35,7 +37,6 @@ def build_optimizer(
                 isinstance(module, (*_NORM_TYPES, nn.Embedding))
                 or "relative_position_bias_table" in name
                 or "absolute_pos_embed" in name
-                or name in ("pos_embed", "cls_token", "reg_token", "level_embed")
                 or "norm" in type(module).__name__.lower()
                 and param.ndim == 1
             )

@@ -180,11 +180,13 @@ def check_class_names(expected: list[str], found: list[str], what: str) -> None:
 
 
 def _architecture_from(checkpoint_model: ModelConfig, run_model: ModelConfig) -> ModelConfig:
-    """The checkpoint's architecture, with this run's choices of what in the backbone trains
-    (``frozen_stages``, ``frozen_bn``): they change training, not the weights' shapes."""
+    """The checkpoint's architecture, with this run's choices of how the backbone trains
+    (``frozen_stages``, ``frozen_bn``, ``drop_path_rate``): they change training, not the weights'
+    shapes."""
     model = copy.deepcopy(checkpoint_model)
     model.frozen_stages = run_model.frozen_stages
     model.frozen_bn = run_model.frozen_bn
+    model.drop_path_rate = run_model.drop_path_rate
     return model
 
 

