@@ -454,6 +454,22 @@ def test_progress_line_keeps_the_evaluation_on_an_80_column_terminal():
     assert len(line) <= 80 and "AP=32.0, pl_prec=0.66" in line
 
 
+def test_batch_sizes_are_over_all_processes(tiny_data, stage_a, tmp_path, monkeypatch):
+    from gdistill.engine import distributed
+    from gdistill.engine.trainer import per_process_batch
+
+    assert per_process_batch(16, 4, "data.batch_size") == 4
+    assert per_process_batch(16, 1, "data.batch_size") == 16
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    cfg = load_config("demo", [*TINY, "data.batch_size=3", "solver.max_iters=1"])
+    with pytest.raises(GdistillError, match=r"^data.batch_size=3 is the batch over all processes and "
+                       r"must divide among the 2 processes; use a multiple of 2$"):
+        train(cfg, tmp_path / "a", tiny_data, progress=False)
+    cfg = load_config("demo", [*TINY, "data.unlabelled_batch_size=5", "solver.max_iters=1"])
+    with pytest.raises(GdistillError, match=r"^data.unlabelled_batch_size=5 is the batch"):
+        train(cfg, tmp_path / "b", tiny_data, teacher_checkpoint=stage_a / "best.pt", progress=False)
+
+
 def test_a_diverged_teacher_stops_distillation_in_one_line(tiny_data, stage_a, tmp_path):
     payload = load_checkpoint(stage_a / "best.pt")
     bias = next(k for k in payload["model"] if k.endswith("class_embed.bias"))

@@ -34,8 +34,8 @@ class DataConfig:
     scale_range: tuple[float, float] = (0.1, 2.0)  # large-scale jitter of the crop side
     test_short_side: int = 800  # evaluation resize: shortest edge ...
     test_max_side: int = 1333  # ... with the longest edge capped
-    batch_size: int = 16  # labelled images per step (per process)
-    unlabelled_batch_size: int = 16  # unlabelled images per step (per process), stage B only
+    batch_size: int = 16  # labelled images per step, over all processes (split among them)
+    unlabelled_batch_size: int = 16  # unlabelled images per step, all processes, stage B only
     num_workers: int = 4  # per loader, at most one per usable CPU (batches do not depend on it)
     # > 0: LVIS repeat-factor sampling of the labelled images in stage A (the authors: uniform);
     # stage B has its own, distill.repeat_factor_threshold

@@ -174,6 +174,16 @@ def build_criterion(cfg: Config, num_classes: int) -> SetCriterion:
     )
 
 
+def per_process_batch(total: int, world: int, key: str) -> int:
+    """Each process's share of a batch size given for all processes together."""
+    if total % world:
+        raise GdistillError(
+            f"{key}={total} is the batch over all processes and must divide among the {world} "
+            f"processes; use a multiple of {world}"
+        )
+    return total // world
+
+
 def check_class_names(expected: list[str], found: list[str], what: str) -> None:
     if list(expected) != list(found):
         raise GdistillError(f"{what}: classes {found} do not match the labelled data's classes {expected}")
@@ -518,6 +528,14 @@ def _train(
     rank, world = distributed.rank(), distributed.world_size()
     main_process = rank == 0
     progress = progress and main_process
+    # The batch sizes are over all processes (detectron2's IMS_PER_BATCH): the presets' 16 + 16
+    # stay the paper's on any number of GPUs.
+    labelled_batch = per_process_batch(cfg.data.batch_size, world, "data.batch_size")
+    unlabelled_batch = (
+        per_process_batch(cfg.data.unlabelled_batch_size, world, "data.unlabelled_batch_size")
+        if is_distill
+        else 0
+    )
     if state is None:
         for given in (teacher_checkpoint, init_weights):
             given_path = Path(given).resolve() if given is not None else None
@@ -673,7 +691,7 @@ def _train(
         sampler = InfiniteSampler(len(labelled_ds), seed=cfg.seed, rank=rank, world_size=world)
     labelled_iter = infinite_loader(
         labelled_ds,
-        dcfg.batch_size,
+        labelled_batch,
         partial(collate_labelled, size_divisibility=cfg.model.size_divisibility),
         sampler,
         dcfg.num_workers,
@@ -693,7 +711,7 @@ def _train(
         )
         unlabelled_iter = infinite_loader(
             unlabelled_ds,
-            dcfg.unlabelled_batch_size,
+            unlabelled_batch,
             partial(collate_unlabelled, size_divisibility=cfg.model.size_divisibility),
             InfiniteSampler(len(unlabelled_ds), seed=cfg.seed + 1, rank=rank, world_size=world),
             dcfg.num_workers,
