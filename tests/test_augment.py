@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as nnf
 
 from gdistill.data.augment import (
+    PAD_VALUE,
     LabelledAugment,
     UnlabelledAugment,
     eval_size,
@@ -53,7 +54,7 @@ def test_geometry_hand_computed_resize_and_pad():
     expected_valid = torch.zeros(32, 32, dtype=torch.bool)
     expected_valid[:16] = True
     assert torch.equal(out["valid"], expected_valid)
-    assert (out["image"][:, 16:] == 0).all()
+    assert (out["image"][:, 16:] == PAD_VALUE).all()  # grey, as the authors' crop
     assert not out["masks"][:, 16:].any()
     # Output pixel i reads input floor((i + 0.5) * 1.25) (pixel centres, like PIL NEAREST):
     # rows 5..15 → 4..12, cols 10..30 → 8..24; rows 3..8 → 2..6, cols 33..38 → 26..30.
@@ -102,7 +103,7 @@ def test_labelled_masks_aligned_random_scales():
             disagree = mask ^ (colour == label + 1)
             assert not (disagree & ~_boundary_band(mask)).any()
             assert not (mask & ~out["valid"]).any()
-        assert (out["image"][:, ~out["valid"]] == 0).all()
+        assert (out["image"][:, ~out["valid"]] == PAD_VALUE).all()
 
 
 def test_crop_drops_empty_instances():
@@ -145,7 +146,7 @@ def test_labelled_reproducible_and_colour_jitter_keeps_geometry():
     for seed in range(6):
         p, j = plain(image, masks, labels, _gen(seed)), jitter(image, masks, labels, _gen(seed))
         assert torch.equal(p["masks"], j["masks"]) and torch.equal(p["valid"], j["valid"])
-        assert (j["image"][:, ~j["valid"]] == 0).all()
+        assert (j["image"][:, ~j["valid"]] == PAD_VALUE).all()
         changed += not torch.equal(p["image"], j["image"])
     assert changed >= 3  # p 0.8 per sample
 
@@ -170,7 +171,7 @@ def test_unlabelled_weak_strong_pixel_aligned():
         out = aug(image, _gen(seed))
         weak, strong, valid = out["weak"], out["strong"], out["valid"]
         assert weak.shape == strong.shape == (3, 48, 48) and valid.shape == (48, 48)
-        assert (weak[:, ~valid] == 0).all() and (strong[:, ~valid] == 0).all()
+        assert (weak[:, ~valid] == PAD_VALUE).all() and (strong[:, ~valid] == PAD_VALUE).all()
         box_w, box_s = _bright_box(weak, valid), _bright_box(strong, valid)
         assert max(abs(a - b) for a, b in zip(box_w, box_s, strict=True)) <= 1, (seed, box_w, box_s)
         weak_boxes.add(box_w)

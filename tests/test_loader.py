@@ -13,7 +13,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 import gdistill.data.loader as loader_mod
-from gdistill.data.augment import LabelledAugment, UnlabelledAugment
+from gdistill.data.augment import PAD_VALUE, LabelledAugment, UnlabelledAugment
 from gdistill.data.coco import load_coco
 from gdistill.data.loader import (
     EvalDataset,
@@ -95,7 +95,7 @@ def test_labelled_dataset_sample_exact(coco):
     assert torch.equal(sample["masks"], expected)
     assert sample["valid"][:24].all() and not sample["valid"][24:].any()
     assert sample["image"][:, 2, 4].tolist() == [220, 30, 30]
-    assert (sample["image"][:, 24:] == 0).all()
+    assert (sample["image"][:, 24:] == PAD_VALUE).all()
 
 
 def test_labelled_dataset_crowd_and_empty_images(coco):
@@ -208,7 +208,7 @@ def test_eval_dataset_coco_and_folder(coco):
     assert batch["image_sizes"] == [(48, 64), (36, 64), (32, 24)]
     assert batch["orig_sizes"] == [(24, 32), (20, 36), (32, 24)]
     assert batch["image_ids"] == [1, 4, None]
-    assert (batch["images"][1, :, 36:] == 0).all()
+    assert (batch["images"][1, :, 36:] == PAD_VALUE).all()
     assert torch.equal(batch["images"][2, :, :32, :24], listed[0]["image"])
 
 
@@ -228,7 +228,8 @@ def test_collate_labelled_padding():
     assert batch["valid"].shape == (2, 64, 32)
     assert batch["valid"][0].sum() == 20 * 30 and batch["valid"][0, :20, :30].all()
     assert batch["valid"][1].sum() == 40 * 10 and batch["valid"][1, :40, :10].all()
-    assert (batch["images"][0, :, :20, :30] == 5).all() and batch["images"][0].sum() == 5 * 3 * 600
+    assert (batch["images"][0, :, :20, :30] == 5).all()
+    assert batch["images"][0].sum() == 5 * 3 * 600 + PAD_VALUE * 3 * (64 * 32 - 600)
     masks = batch["targets"][0]["masks"]
     assert masks.shape == (2, 64, 32) and masks.sum() == 2 * 600 and masks[:, :20, :30].all()
     assert batch["targets"][1]["masks"].shape == (0, 64, 32)
@@ -254,7 +255,7 @@ def test_collate_unlabelled_padding():
     assert batch["weak"].shape == batch["strong"].shape == (2, 3, 32, 64)
     assert batch["valid"].shape == (2, 32, 64)
     assert batch["valid"][1].sum() == 10 * 50 and batch["valid"][0].sum() == 16 * 32
-    assert (batch["strong"][1, :, 20:] == 0).all() and (batch["strong"][1, :, :20, :50] == 4).all()
+    assert (batch["strong"][1, :, 20:] == PAD_VALUE).all() and (batch["strong"][1, :, :20, :50] == 4).all()
     assert batch["keys"] == ["a", "b"]
 
 

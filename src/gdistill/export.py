@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gdistill.config import Config
-from gdistill.data.augment import eval_size, resize_to
+from gdistill.data.augment import PAD_VALUE, eval_size, resize_to
 from gdistill.errors import GdistillError
 from gdistill.model.mask2former import Instances, instances_from_outputs, sorted_by_score
 
@@ -202,7 +202,8 @@ def fit_to_input(
     short_side: int | None = None,
     max_side: int | None = None,
 ) -> tuple[Tensor, tuple[int, int]]:
-    """Resize an image as ``predict`` does and pad it bottom / right with zeros to the export size.
+    """Resize an image as ``predict`` does and pad it bottom / right to the export size with
+    ``predict``'s grey (``PAD_VALUE`` / 255).
 
     With ``short_side`` and ``max_side`` (the model's ``data.test_short_side`` and
     ``data.test_max_side``, in the ``.json`` that ``export_model`` writes beside the graph) the
@@ -233,7 +234,7 @@ def fit_to_input(
         h, w = h * scale, w * scale
     h, w = max(1, min(height, int(h + 0.5))), max(1, min(width, int(w + 0.5)))
     x = resize_to(image, (h, w))[None].float() / 255.0
-    return F.pad(x, (0, width - w, 0, height - h)), (h, w)
+    return F.pad(x, (0, width - w, 0, height - h), value=PAD_VALUE / 255.0), (h, w)
 
 
 def outputs_to_instances(

@@ -19,6 +19,11 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+# Pixel value of the padding around an image, in training crops and in padded batches alike: the
+# authors' FixedSizeCrop pads with grey 128 (after normalisation about 0.1, 0.2, 0.4; black would
+# be -2).
+PAD_VALUE = 128
+
 
 def _uniform(generator: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> float:
     return lo + (hi - lo) * torch.rand((), generator=generator).item()
@@ -116,12 +121,12 @@ def apply_geometry_masks(masks: Tensor, geo: Geometry) -> Tensor:
     return masks[:, rows[:, None], cols[None, :]]
 
 
-def _pad(x: Tensor, size: int) -> Tensor:
-    """Zero-pad the last two dims on the right/bottom to size × size."""
+def _pad(x: Tensor, size: int, fill: int = 0) -> Tensor:
+    """Pad the last two dims on the right/bottom to size × size with ``fill``."""
     h, w = x.shape[-2:]
     if h == size and w == size:
         return x
-    return F.pad(x, [0, 0, size - w, size - h], fill=0)
+    return F.pad(x, [0, 0, size - w, size - h], fill=fill)
 
 
 def _valid_mask(geo: Geometry) -> Tensor:
@@ -242,7 +247,7 @@ class LabelledAugment:
         masks = apply_geometry_masks(masks.bool(), geo)
         keep = masks.flatten(1).any(dim=1)
         return {
-            "image": _pad(out, self.size),
+            "image": _pad(out, self.size, PAD_VALUE),
             "masks": _pad(masks[keep], self.size),
             "labels": labels[keep].long(),
             "valid": _valid_mask(geo),
@@ -253,8 +258,8 @@ class UnlabelledAugment:
     """Weak and strong views of one unlabelled image with identical geometry.
 
     weak = LSJ (as ``LabelledAugment``); strong = ``strong_photometric`` of the weak pixels. The
-    photometric ops run on the un-padded crop, so padding is 0 in both views and the jitter's
-    statistics (contrast mean, blur borders) never see padding.
+    photometric ops run on the un-padded crop, so padding is ``PAD_VALUE`` in both views and the
+    jitter's statistics (contrast mean, blur borders) never see padding.
     """
 
     def __init__(
@@ -280,8 +285,8 @@ class UnlabelledAugment:
         weak = apply_geometry_image(image, geo)
         strong = strong_photometric(weak, generator)
         return {
-            "weak": _pad(weak, self.size),
-            "strong": _pad(strong, self.size),
+            "weak": _pad(weak, self.size, PAD_VALUE),
+            "strong": _pad(strong, self.size, PAD_VALUE),
             "valid": _valid_mask(geo),
         }
 

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from gdistill.data.augment import LabelledAugment, UnlabelledAugment, resize_for_eval
+from gdistill.data.augment import PAD_VALUE, LabelledAugment, UnlabelledAugment, resize_for_eval
 from gdistill.data.coco import CocoDataset, load_targets, read_image
 from gdistill.data.sources import UnlabelledImage
 from gdistill.errors import GdistillError, UnreadableImageError
@@ -222,9 +222,10 @@ def padded_size(sizes: Sequence[tuple[int, int]], size_divisibility: int = 32) -
     return h, w
 
 
-def _pad_stack(tensors: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
-    """Zero-pad [..., h_i, w_i] tensors on the right/bottom to `size` and stack → [B, ..., H, W]."""
-    out = tensors[0].new_zeros((len(tensors), *tensors[0].shape[:-2], *size))
+def _pad_stack(tensors: Sequence[Tensor], size: tuple[int, int], fill: int = 0) -> Tensor:
+    """Pad [..., h_i, w_i] tensors on the right/bottom with ``fill`` to `size` and stack →
+    [B, ..., H, W]."""
+    out = tensors[0].new_full((len(tensors), *tensors[0].shape[:-2], *size), fill)
     for i, t in enumerate(tensors):
         out[i, ..., : t.shape[-2], : t.shape[-1]] = t
     return out
@@ -243,7 +244,7 @@ def collate_labelled(samples: list[dict], size_divisibility: int = 32) -> dict[s
     with H, W the batch maximum rounded up to a multiple of `size_divisibility`."""
     size = padded_size([s["image"].shape[-2:] for s in samples], size_divisibility)
     return {
-        "images": _pad_stack([s["image"] for s in samples], size),
+        "images": _pad_stack([s["image"] for s in samples], size, PAD_VALUE),
         "valid": _pad_stack([s["valid"] for s in samples], size),
         "targets": [
             {"labels": s["labels"], "masks": _pad_masks(s["masks"], size)} for s in samples
@@ -257,8 +258,8 @@ def collate_unlabelled(samples: list[dict], size_divisibility: int = 32) -> dict
     "keys": list[str]}."""
     size = padded_size([s["weak"].shape[-2:] for s in samples], size_divisibility)
     return {
-        "weak": _pad_stack([s["weak"] for s in samples], size),
-        "strong": _pad_stack([s["strong"] for s in samples], size),
+        "weak": _pad_stack([s["weak"] for s in samples], size, PAD_VALUE),
+        "strong": _pad_stack([s["strong"] for s in samples], size, PAD_VALUE),
         "valid": _pad_stack([s["valid"] for s in samples], size),
         "keys": [s["key"] for s in samples],
     }
@@ -269,7 +270,9 @@ def collate_eval(samples: list[dict], size_divisibility: int = 32) -> dict[str, 
     "orig_sizes": [(H, W)], "image_ids": list[int | None], "keys": list[str]}."""
     sizes = [tuple(s["image"].shape[-2:]) for s in samples]
     return {
-        "images": _pad_stack([s["image"] for s in samples], padded_size(sizes, size_divisibility)),
+        "images": _pad_stack(
+            [s["image"] for s in samples], padded_size(sizes, size_divisibility), PAD_VALUE
+        ),
         "image_sizes": sizes,
         "orig_sizes": [tuple(s["orig_size"]) for s in samples],
         "image_ids": [s["image_id"] for s in samples],
