@@ -685,7 +685,7 @@ def test_large_images_upsample_masks_in_chunks_with_the_same_result(monkeypatch)
     logits = torch.randn(1, 10, 4, generator=g)
     masks = torch.randn(1, 10, 16, 16, generator=g) * 3
     whole = m2f.instances_from_outputs(logits, masks, [(60, 64)], [(75, 80)], top_k=20)[0]
-    monkeypatch.setattr(m2f, "_UPSAMPLE_ELEMENTS", 2 * 75 * 80)  # 2 queries at a time
+    monkeypatch.setattr(m2f, "UPSAMPLE_ELEMENTS", 2 * 75 * 80)  # 2 queries at a time
     chunked = m2f.instances_from_outputs(logits, masks, [(60, 64)], [(75, 80)], top_k=20)[0]
     assert torch.equal(whole.masks, chunked.masks) and torch.equal(whole.labels, chunked.labels)
     torch.testing.assert_close(whole.scores, chunked.scores, rtol=0, atol=1e-6)
@@ -694,6 +694,41 @@ def test_large_images_upsample_masks_in_chunks_with_the_same_result(monkeypatch)
     assert twice
     rows = (query == twice[0]).nonzero().flatten()
     assert torch.equal(chunked.masks[rows[0]], chunked.masks[rows[1]])
+
+
+def test_pseudo_label_diagnostics_upsample_in_chunks_with_the_same_result(monkeypatch):
+    import gdistill.engine.evaluate as ev
+
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(10, 4, generator=g) * 3
+    masks = torch.randn(10, 16, 16, generator=g) * 3
+    args = (logits, masks, (60, 64), (75, 80), 0.3, 5.0, 0.5)
+    labels, whole, scores = ev._pseudo_label_candidates(*args)
+    monkeypatch.setattr(ev, "UPSAMPLE_ELEMENTS", 2 * 75 * 80)  # 2 queries at a time
+    labels2, chunked, scores2 = ev._pseudo_label_candidates(*args)
+    assert len(labels) > 2 and whole.shape == (len(labels), 75, 80)
+    assert torch.equal(whole, chunked) and torch.equal(labels, labels2) and torch.equal(scores, scores2)
+
+
+def test_a_score_threshold_makes_masks_only_for_pairs_that_can_reach_it(monkeypatch):
+    import gdistill.model.mask2former as m2f
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 10, 4, generator=g) * 2
+    masks = torch.randn(1, 10, 16, 16, generator=g) * 3
+    whole = m2f.instances_from_outputs(logits, masks, [(60, 64)], [(75, 80)], top_k=20)[0]
+    upsampled = []
+    real = m2f.F.interpolate
+    monkeypatch.setattr(m2f.F, "interpolate", lambda x, **kw: upsampled.append(x.shape[1]) or real(x, **kw))
+    cut = m2f.instances_from_outputs(logits, masks, [(60, 64)], [(75, 80)], top_k=20, min_score=0.4)[0]
+    # the same instances as thresholding afterwards ...
+    expected = m2f.sorted_by_score(whole, 0.4)
+    got = m2f.sorted_by_score(cut, 0.4)
+    assert len(expected.scores) > 0 and torch.equal(expected.masks, got.masks)
+    assert torch.equal(expected.labels, got.labels) and torch.equal(expected.scores, got.scores)
+    # ... with masks made only for the queries of pairs whose class probability reaches 0.4
+    probs = logits[0].softmax(-1)[:, :3]
+    assert sum(upsampled) == 2 * int((probs >= 0.4).any(1).sum()) < 2 * 10
 
 
 def test_predict_names_images_squeezed_by_the_long_side_cap(checkpoint, tmp_path):

@@ -96,7 +96,12 @@ class Predictor:
         loader = [collate_eval(samples[i : i + batch_size], pad) for i in range(0, len(samples), batch_size)]
         out: list[Instances] = []
         for _, _, instances in predict_batches(
-            self.model, loader, self.device, self.cfg.model.detections_per_image, self.cfg.solver.amp
+            self.model,
+            loader,
+            self.device,
+            self.cfg.model.detections_per_image,
+            self.cfg.solver.amp,
+            min_score=score_threshold,
         ):
             for inst in instances:
                 kept = sorted_by_score(inst, score_threshold)

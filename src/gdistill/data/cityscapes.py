@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
-from tqdm import tqdm
 
 from gdistill.errors import GdistillError
+from gdistill.progress import progress_bar
 
 # (Cityscapes label id, name, COCO supercategory) of the thing classes, in COCO category-id order.
 THING_CLASSES: list[tuple[int, str, str]] = [
@@ -154,7 +154,8 @@ def convert_cityscapes(
             stacklevel=2,
         )
     images, annotations = [], []
-    for image_id, gt_path in enumerate(tqdm(gt_files, desc=f"cityscapes {split}", disable=not progress), 1):
+    bar = progress_bar(gt_files, desc=f"cityscapes {split}", disable=not progress)
+    for image_id, gt_path in enumerate(bar, 1):
         city = gt_path.parent.name
         stem = gt_path.name[: -len(_GT_SUFFIX)]
         file_name = f"{split}/{city}/{stem}{_IMAGE_SUFFIX}"

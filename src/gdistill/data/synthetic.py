@@ -31,6 +31,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from gdistill.errors import GdistillError
+from gdistill.progress import progress_bar
 
 GENERATOR_NAME = "gdistill.data.synthetic"
 GENERATOR_VERSION = 1
@@ -312,8 +313,8 @@ def generate_synthetic(out_dir: Path, train_images: int = 1000, val_images: int 
         "val_images": val_images,
         "parameters": asdict(DEFAULT_PARAMS),
     }
-    with tqdm(total=train_images + val_images, desc="synthetic data", unit="img",
-              disable=not progress) as bar:
+    with progress_bar(total=train_images + val_images, desc="synthetic data", unit="img",
+                      disable=not progress) as bar:
         train_json = _write_split(out_dir, "train", train_images, seed, image_size, info, bar)
         val_json = _write_split(out_dir, "val", val_images, seed, image_size, info, bar)
     return train_json, val_json

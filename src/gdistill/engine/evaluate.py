@@ -16,7 +16,12 @@ from gdistill.data.loader import collate_eval
 from gdistill.distill.pseudo_labels import PseudoLabelQuality, suppress_duplicates
 from gdistill.engine.distributed import all_gather_objects, broadcast_object, rank
 from gdistill.evaluation.coco_eval import evaluate_masks, instances_to_coco_results
-from gdistill.model.mask2former import Instances, images_to_model_input, instances_from_outputs
+from gdistill.model.mask2former import (
+    UPSAMPLE_ELEMENTS,
+    Instances,
+    images_to_model_input,
+    instances_from_outputs,
+)
 from gdistill.progress import progress_bar
 from gdistill.viz import CELL_SIZE, save_prediction_grid
 
@@ -37,8 +42,11 @@ def predict_batches(
     amp: str = "none",
     progress: bool = False,
     desc: str = "predict",
+    min_score: float = 0.0,
 ) -> Iterator[tuple[dict, dict, list[Instances]]]:
-    """Yield ``(batch, raw outputs, instances)`` for each evaluation batch (model in eval mode)."""
+    """Yield ``(batch, raw outputs, instances)`` for each evaluation batch (model in eval mode);
+    ``min_score`` leaves out (query, class) pairs that cannot reach it (see
+    ``instances_from_outputs``)."""
     was_training = model.training
     model.eval()
     try:
@@ -52,6 +60,7 @@ def predict_batches(
                 batch["image_sizes"],
                 batch["orig_sizes"],
                 top_k=top_k,
+                min_score=min_score,
             )
             yield batch, outputs, instances
     finally:
@@ -82,10 +91,16 @@ def _pseudo_label_candidates(
         empty = torch.zeros((0, *orig_size), dtype=torch.bool, device=logits.device)
         return labels[idx], empty, scores[idx]
     padded = (logits.shape[-2] * 4, logits.shape[-1] * 4)
-    up = F.interpolate(logits[idx][None], size=padded, mode="bilinear", align_corners=False)
-    up = up[:, :, : image_size[0], : image_size[1]]
-    up = F.interpolate(up, size=tuple(orig_size), mode="bilinear", align_corners=False)[0]
-    masks = up.sigmoid() > mask_threshold
+    masks = torch.empty((len(idx), *orig_size), dtype=torch.bool, device=logits.device)
+    # A few queries at a time, as instances_from_outputs: a large validation photo would hold
+    # every candidate's float mask at full size several times over.
+    chunk = max(1, UPSAMPLE_ELEMENTS // max(1, orig_size[0] * orig_size[1], padded[0] * padded[1]))
+    for start in range(0, len(idx), chunk):
+        up = F.interpolate(logits[idx[start : start + chunk]][None], size=padded, mode="bilinear",
+                           align_corners=False)
+        up = up[:, :, : image_size[0], : image_size[1]]
+        up = F.interpolate(up, size=tuple(orig_size), mode="bilinear", align_corners=False)[0]
+        masks[start : start + chunk] = up.sigmoid_() > mask_threshold
     if duplicate_iou > 0 and len(idx) > 1:
         unique = suppress_duplicates(masks, scores[idx], duplicate_iou)
         return labels[idx][unique], masks[unique], scores[idx][unique]

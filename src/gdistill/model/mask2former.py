@@ -118,6 +118,7 @@ def instances_from_outputs(
     image_sizes: list[tuple[int, int]],
     orig_sizes: list[tuple[int, int]],
     top_k: int = 100,
+    min_score: float = 0.0,
 ) -> list[Instances]:
     """Mask2Former instance inference.
 
@@ -125,6 +126,9 @@ def instances_from_outputs(
     image_sizes: the (h, w) of each image inside the padded batch; orig_sizes: the size to return
     masks at. The top-k (query, class) pairs by class probability are kept (a query may appear
     with several classes); score = class probability × mean mask probability inside its mask.
+    Pairs whose class probability is below ``min_score`` are left out before their masks are
+    made (their score, at most that probability, would be too): a score threshold then costs no
+    full-size masks of the queries it drops.
     """
     check_finite_outputs(pred_logits, pred_masks, "the model")
     batch, num_queries, k1 = pred_logits.shape
@@ -135,17 +139,20 @@ def instances_from_outputs(
         probs = pred_logits[i].float().softmax(-1)[:, :num_classes]  # [Q, K]
         k = min(top_k, probs.numel())
         scores, flat = probs.flatten().topk(k)
+        if min_score > 0:
+            scores, flat = scores[scores >= min_score], flat[scores >= min_score]
         query = flat // num_classes
         labels = flat % num_classes
         # Upsample each kept query once (a query may be kept with several classes): to the
         # padded input, crop, then to the original size; in chunks, so that a 12-megapixel
-        # photo holds a few float masks at a time besides the boolean ones it returns.
+        # photo holds a few float masks at a time besides the boolean ones it returns, written
+        # straight to the place of each (query, class) pair.
         kept, row = query.unique(return_inverse=True)
         h, w = image_sizes[i]
         out_h, out_w = orig_sizes[i]
-        masks = torch.empty((len(kept), out_h, out_w), dtype=torch.bool, device=pred_masks.device)
+        masks = torch.empty((len(query), out_h, out_w), dtype=torch.bool, device=pred_masks.device)
         mask_score = torch.empty(len(kept), device=pred_masks.device)
-        chunk = max(1, _UPSAMPLE_ELEMENTS // max(1, out_h * out_w, padded_h * padded_w))
+        chunk = max(1, UPSAMPLE_ELEMENTS // max(1, out_h * out_w, padded_h * padded_w))
         for start in range(0, len(kept), chunk):
             logits = pred_masks[i, kept[start : start + chunk]].float()[None]
             logits = F.interpolate(logits, size=(padded_h, padded_w), mode="bilinear", align_corners=False)
@@ -154,9 +161,10 @@ def instances_from_outputs(
             binary = logits > 0
             inside = (logits.sigmoid_() * binary).flatten(1).sum(1)
             mask_score[start : start + chunk] = inside / binary.flatten(1).sum(1).clamp(min=1)
-            masks[start : start + chunk] = binary
-        results.append(Instances(scores=scores * mask_score[row], labels=labels, masks=masks[row]))
+            pairs = ((row >= start) & (row < start + len(binary))).nonzero().flatten()
+            masks[pairs] = binary[row[pairs] - start]
+        results.append(Instances(scores=scores * mask_score[row], labels=labels, masks=masks))
     return results
 
 
-_UPSAMPLE_ELEMENTS = 1 << 25  # float mask pixels upsampled at once (128 MiB)
+UPSAMPLE_ELEMENTS = 1 << 25  # float mask pixels upsampled at once (128 MiB)
