@@ -79,7 +79,11 @@ def test_folder_reads_gif_and_netpbm_and_names_the_picture_types_it_leaves_out(t
     for name in ["a.gif", "b.ppm", "c.pgm", "d.JFIF", "e.tga", "f.ico"]:
         save_image(root / name)
     (root / "scan.pdf").write_text("x")  # a document, not a photo: no word about it
-    with pytest.warns(UserWarning, match=r"pool: 2 image files of other types \(.ico, .tga\) left out"):
+    (root / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic")  # a phone's photo: Pillow cannot read it
+    (root / "raw").mkdir()
+    (root / "raw" / "DSC_2.nef").write_bytes(b"II*\0")
+    with pytest.warns(UserWarning, match=r"pool: 4 image files of other types \(.heic, .ico, .nef, .tga\) "
+                      r"left out"):
         images = unlabelled_from_folder(root)
     assert [u.key for u in images] == ["a.gif", "b.ppm", "c.pgm", "d.JFIF"]
 

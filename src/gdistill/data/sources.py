@@ -18,6 +18,9 @@ IMAGE_EXTENSIONS = (
 # Pillow opens these too, but they are documents, video or science data, not photos.
 _NOT_PHOTOS = {".pdf", ".eps", ".ps", ".h5", ".hdf", ".mpeg", ".mpg", ".grib", ".bufr", ".fit",
                ".fits", ".wmf", ".emf"}
+# Photos that Pillow itself does not read: phones' HEIF / AVIF and cameras' raw files.
+_PHOTOS_PILLOW_CANNOT_READ = {".heic", ".heif", ".avif", ".dng", ".cr2", ".cr3", ".nef", ".arw",
+                              ".orf", ".rw2", ".raf", ".raw"}
 
 
 @dataclass
@@ -55,10 +58,12 @@ def unlabelled_from_coco(
 
 @functools.cache
 def _other_image_types() -> frozenset[str]:
-    """Picture extensions Pillow reads that are not in IMAGE_EXTENSIONS (.jp2, .tga, .ico, ...)."""
+    """Picture extensions that are not in IMAGE_EXTENSIONS: others Pillow reads (.jp2, .tga,
+    .ico, ...) and photos it does not (.heic, raw files)."""
     from PIL import Image
 
-    return frozenset(Image.registered_extensions()) - set(IMAGE_EXTENSIONS) - _NOT_PHOTOS
+    readable = frozenset(Image.registered_extensions()) - _NOT_PHOTOS
+    return (readable | _PHOTOS_PILLOW_CANNOT_READ) - set(IMAGE_EXTENSIONS)
 
 
 def unlabelled_from_folder(
