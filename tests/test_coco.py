@@ -111,6 +111,25 @@ def test_area_from_json_or_decoded(tmp_path):
     assert [a["area"] for a in dataset.raw["annotations"]] == [12.0, 12.0, 12.0]
 
 
+def test_an_area_larger_than_the_image_is_replaced_with_a_warning(tmp_path):
+    # pycocotools ignores objects above 1e10 pixels: every AP would print "-" without a word
+    anns = [dict(ann(1, POLYGON), area=1e12), dict(ann(2, COMPRESSED), area=101),
+            dict(ann(3, POLYGON), area=100), dict(ann(4, POLYGON), area=float("nan"))]
+    with pytest.warns(UserWarning, match=r"u.json: 2 annotations have an 'area' larger than their "
+                      r"image \(annotation 1: 1e\+12 > 10x10, ...\); their mask's area is used"):
+        dataset = load_coco(write_json(tmp_path / "u.json", coco_dict(anns)))
+    assert [a.area for a in dataset.images[0].annotations] == [12.0, 12.0, 100.0, 12.0]
+
+
+def test_one_file_under_two_image_ids_is_named(tmp_path):
+    images = [{"id": i, "file_name": name, "height": 10, "width": 10}
+              for i, name in [(3, "a.png"), (7, "b.png"), (9, "a.png")]]
+    with pytest.warns(UserWarning, match=r"t.json: 1 image files are listed under several image ids "
+                      r"\('a.png': ids 3, 9\); each entry counts as an image of its own"):
+        dataset = load_coco(write_json(tmp_path / "t.json", coco_dict(images=images)))
+    assert [img.id for img in dataset.images] == [3, 7, 9]
+
+
 def test_require_annotations_false_ignores_annotations(tmp_path):
     data = {"images": coco_dict()["images"], "annotations": [ann(1, POLYGON, category_id=7)]}
     dataset = load_coco(write_json(tmp_path / "t.json", data), require_annotations=False)

@@ -241,6 +241,18 @@ def _parse_images(raw: dict, path: Path) -> list[CocoImage]:
             )
         # Files written on Windows may separate folders with backslashes ("train\\0001.jpg").
         images.append(CocoImage(image_id, file_name.replace("\\", "/"), h, w, []))
+    ids_by_file: dict[str, list[int]] = {}
+    for image in images:
+        ids_by_file.setdefault(image.file_name, []).append(image.id)
+    shared = [(name, ids) for name, ids in ids_by_file.items() if len(ids) > 1]
+    if shared:
+        name, ids = shared[0]
+        warnings.warn(
+            f"{path}: {len(shared)} image files are listed under several image ids ({name!r}: "
+            f"ids {', '.join(map(str, ids))}); each entry counts as an image of its own, in "
+            "training as in evaluation",
+            stacklevel=3,
+        )
     return images
 
 
@@ -272,6 +284,7 @@ def _parse_annotations(
     id to a message, and its ``segmentation`` in ``raw`` is the one without them."""
     seen: set[int] = set()
     dropped_ids: set[int] = set()
+    oversized: list[str] = []  # annotations whose 'area' exceeds their image
     for index, ann in enumerate(raw["annotations"]):
         if not isinstance(ann, dict) or not _is_int(ann.get("id")):
             raise GdistillError(f"{path}: annotations[{index}] has no integer 'id'")
@@ -312,9 +325,12 @@ def _parse_annotations(
                 decoded_area = float(mask_utils.area(rle))
                 if decoded_area == 0:
                     raise GdistillError(f"{where} has an empty mask (decoded area 0)")
-                if not _is_number(area) or area <= 0:
+                if _is_number(area) and area > image.height * image.width:
+                    oversized.append(f"annotation {ann_id}: {area:g} > {image.width}x{image.height}")
+                if not _is_number(area) or not 0 < area <= image.height * image.width:  # NaN too
                     # COCO's size buckets read it: null, a string or 0 beside a real mask
-                    # would put the object in the wrong bucket or break the evaluation.
+                    # would put the object in the wrong bucket or break the evaluation, and
+                    # above 1e10 pycocotools ignores the object.
                     area = ann["area"] = decoded_area
         except GdistillError as e:
             if not drop_invalid:
@@ -326,6 +342,12 @@ def _parse_annotations(
         area = float(area) if _is_number(area) else 0.0
         image.annotations.append(
             CocoAnnotation(ann_id, ann["category_id"], segmentation, int(iscrowd), area)
+        )
+    if oversized:
+        warnings.warn(
+            f"{path}: {len(oversized)} annotations have an 'area' larger than their image "
+            f"({oversized[0]}{', ...' if len(oversized) > 1 else ''}); their mask's area is used",
+            stacklevel=3,
         )
     return dropped_ids
 
