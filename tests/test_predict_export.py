@@ -675,6 +675,50 @@ def test_report_takes_the_image_root_of_an_unlabelled_json_from_the_run(checkpoi
     assert f"| unlabelled source | `{synth / 'train.json'}` |" in (run / "report" / "summary.md").read_text()
 
 
+def test_predict_with_annotations_writes_their_image_ids_for_any_coco_tool(checkpoint, synth, tmp_path,
+                                                                          capsys):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = json.loads((synth / "val.json").read_text())
+    # ids that 1..N in file order would not give, so a mix-up cannot pass
+    for image, new_id in zip(gt["images"], (70, 50), strict=True):
+        for a in gt["annotations"]:
+            a["image_id"] = new_id if a["image_id"] == image["id"] else a["image_id"]
+        image["id"] = new_id
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    out = tmp_path / "out"
+    # --input is the val folder: its keys "000000.png" match "val/000000.png" by file name
+    assert main(["predict", "--weights", str(checkpoint), "--input", str(synth / "images" / "val"),
+                 "--out", str(out), "--annotations", str(tmp_path / "gt.json"),
+                 "--score-threshold", "0", "--quiet"]) == 0
+    images = json.loads((out / "images.json").read_text())["images"]
+    assert [(im["id"], im["file_name"]) for im in images] == [(70, "000000.png"), (50, "000001.png")]
+    results = load_results(out / "predictions.json")
+    assert {r["image_id"] for r in results} == {50, 70}
+    # pycocotools by hand gives what `gdistill eval --predictions` gives
+    coco = COCO(str(tmp_path / "gt.json"))
+    by_hand = COCOeval(coco, coco.loadRes(str(out / "predictions.json")), "segm")
+    by_hand.evaluate(), by_hand.accumulate(), by_hand.summarize()
+    assert main(["eval", "--annotations", str(tmp_path / "gt.json"), "--predictions",
+                 str(out / "predictions.json"), "--out", str(tmp_path / "m.json")]) == 0
+    ours = json.loads((tmp_path / "m.json").read_text())
+    assert ours["AP"] == pytest.approx(100 * by_hand.stats[0], abs=1e-3)
+    # an input the file does not list: one line
+    del gt["images"][1]
+    gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] != 50]
+    (tmp_path / "gt1.json").write_text(json.dumps(gt))
+    capsys.readouterr()
+    assert main(["predict", "--weights", str(checkpoint), "--input", str(synth / "images" / "val"),
+                 "--out", str(tmp_path / "o2"), "--annotations", str(tmp_path / "gt1.json"),
+                 "--quiet"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "gt1.json: no image with file_name '000001.png' (the input "
+        f"{synth / 'images' / 'val' / '000001.png'}); --annotations gives the ids of images it "
+        "lists, by their path under --input"
+    )
+
+
 def test_large_images_upsample_masks_in_chunks_with_the_same_result(monkeypatch):
     """Masks of a photo are upsampled a few queries at a time (a 12-megapixel image would
     otherwise hold every kept query in float several times over): same masks, same scores to

@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the predictions already in --out")
     p.add_argument("--skip-unreadable", action="store_true",
                    help="leave out image files that cannot be read (missing, corrupt), listing each")
+    p.add_argument("--annotations", type=Path,
+                   help="COCO file listing the input images: the results take its image ids "
+                   "(matched by file_name), so any COCO tool scores them against it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("report", help="training curves, example pictures and summary.md of a run")
@@ -544,6 +547,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
             device=args.device,
             progress=not args.quiet,
             skip_unreadable=args.skip_unreadable,
+            annotations=args.annotations,
         )
     except UnreadableImageError as e:
         raise GdistillError(f"{e} (--skip-unreadable leaves such images out, listing each)") from e

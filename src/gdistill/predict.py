@@ -3,7 +3,8 @@
 Writes into the output folder:
 
 - ``predictions.json``: COCO results (RLE masks, the training set's category ids), plus the
-  image's ``file_name`` in each entry; image ids are 1..N in sorted file order;
+  image's ``file_name`` in each entry; image ids are 1..N in sorted file order, or those of a
+  COCO file (``annotations``: the results then score against it with any COCO tool);
 - ``images.json``: ``{"images": [{"id", "file_name", "height", "width"}], "categories": [...]}``
   so the results can be matched with ground truth;
 - ``overlays/<relative path>.png``: one picture per image with its predictions drawn.
@@ -19,7 +20,7 @@ from pathlib import Path
 from PIL import Image
 
 from gdistill.data.augment import eval_size
-from gdistill.data.coco import read_image
+from gdistill.data.coco import load_coco, read_image
 from gdistill.data.sources import IMAGE_EXTENSIONS, UnlabelledImage, unlabelled_from_folder
 from gdistill.errors import GdistillError, UnreadableImageError
 from gdistill.evaluation.coco_eval import instances_to_coco_results, write_results
@@ -40,6 +41,31 @@ def list_inputs(source: str | Path, skipped: list[str] | None = None) -> list[Un
     return [UnlabelledImage(key=source.name, path=source, image_id=None)]
 
 
+def image_ids_from(annotations: str | Path, inputs: list[UnlabelledImage]) -> list[int]:
+    """The image id of each input in a COCO file, matched by ``file_name`` (the path under the
+    input folder; or the file's name, when that names one image of the file)."""
+    images = load_coco(annotations, require_annotations=False).images
+    by_path = {img.file_name: img.id for img in images}
+    by_name: dict[str, list[int]] = {}
+    for img in images:
+        by_name.setdefault(Path(img.file_name).name, []).append(img.id)
+    ids = []
+    for item in inputs:
+        if item.key in by_path:
+            ids.append(by_path[item.key])
+        elif len(by_name.get(Path(item.key).name, [])) == 1:
+            ids.append(by_name[Path(item.key).name][0])
+        else:
+            raise GdistillError(
+                f"{annotations}: no image with file_name {item.key!r} (the input {item.path}); "
+                "--annotations gives the ids of images it lists, by their path under --input"
+            )
+    if len(set(ids)) < len(ids):
+        raise GdistillError(f"{annotations}: two inputs match the same image; give --input the "
+                            "folder its file_names are relative to")
+    return ids
+
+
 def overlay_names(keys: list[str]) -> list[str]:
     """Overlay file names mirroring the input keys: ``a/b.jpg`` → ``a/b.png``, or
     ``a/b.jpg.png`` when two inputs would share a name."""
@@ -58,11 +84,13 @@ def predict_to_folder(
     device: str = "auto",
     progress: bool = True,
     skip_unreadable: bool = False,
+    annotations: str | Path | None = None,
 ) -> dict:
     """Run a checkpoint over images; returns ``{"images", "instances", "predictions",
     "overlays", "skipped"}`` (counts, paths, and one message per image skipped). What an earlier
     call wrote in ``out_dir`` is replaced. An image that cannot be read stops the run with
-    :class:`UnreadableImageError`, or with ``skip_unreadable`` is left out (no id, no overlay)."""
+    :class:`UnreadableImageError`, or with ``skip_unreadable`` is left out (no id, no overlay).
+    ``annotations``: a COCO file listing the inputs, whose image ids the results take."""
     from gdistill.inference import load_model
 
     if batch_size < 1:
@@ -71,6 +99,7 @@ def predict_to_folder(
         raise GdistillError(f"--score-threshold must lie in [0, 1], got {score_threshold}")
     skipped: list[str] = []
     inputs = list_inputs(source, skipped if skip_unreadable else None)
+    given_ids = image_ids_from(annotations, inputs) if annotations is not None else None
     predictor = load_model(weights, model, device)
     out_dir = Path(out_dir)
     overlay_dir = out_dir / "overlays"
@@ -101,7 +130,7 @@ def predict_to_folder(
         ) if arrays else []
         for index, array, inst in zip(indices, arrays, instances, strict=True):
             item = inputs[index]
-            image_id = len(images_info) + 1
+            image_id = given_ids[index] if given_ids is not None else len(images_info) + 1
             found = instances_to_coco_results(
                 image_id, inst.masks, inst.scores, inst.labels, predictor.category_ids
             )
