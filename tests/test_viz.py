@@ -336,6 +336,19 @@ def test_curves_of_a_single_row_show_a_point_on_whole_iterations(tmp_path, monke
     assert precision.get_title().startswith("model's pseudo-label precision")
 
 
+def test_a_quality_plot_with_only_the_hand_over_line_draws_no_empty_legend(tmp_path, monkeypatch):
+    import gdistill.viz as viz
+
+    figures = _figures_drawn(monkeypatch)
+    evals = {"step": ["2"], "teacher_pl_precision@0.7": ["None"], "teacher_pl_recall@0.7": ["0.0"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib: "No artists with labels found to put in legend"
+        viz._plot_pseudo_label_quality(evals, tmp_path / "q.png", handover=1)
+    precision, recall = figures["q.png"].axes
+    assert precision.get_legend() is None and recall.get_legend() is not None
+    assert [t.get_text() for t in precision.texts] == ["hand-over", "no pseudo-label kept yet"]
+
+
 def test_letters_no_font_draws_are_warned_once(monkeypatch):
     from matplotlib import font_manager
 

@@ -510,8 +510,15 @@ def _plot_losses(metrics: dict[str, list[str]], path: Path, handover: int | None
                 )
     ax.set_ylabel("loss")
     ax.set_title("training losses (averaged over each log window)")
-    ax.legend()
+    _legend(ax)
     return _save_figure(fig, path)
+
+
+def _legend(ax, **kwargs) -> None:
+    """A legend for the labelled lines drawn, if any (matplotlib warns on an empty one: a run
+    shorter than one log window draws no loss line)."""
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(**kwargs)
 
 
 def _plot_ap(evals: dict[str, list[str]], path: Path, handover: int | None = None) -> Path | None:
@@ -545,7 +552,7 @@ def _plot_ap(evals: dict[str, list[str]], path: Path, handover: int | None = Non
     _mark_handover(ax, handover)
     ax.set_ylabel("mask AP (%)")
     ax.set_title("validation mask AP")
-    ax.legend()
+    _legend(ax)
     return _save_figure(fig, path)
 
 
@@ -562,7 +569,7 @@ def _plot_pseudo_label_count(
     _mark_handover(ax, handover)
     ax.set_ylabel("pseudo-labels per image")
     ax.set_title("pseudo-labels kept by the teacher's filter")
-    ax.legend()
+    _legend(ax)
     return _save_figure(fig, path)
 
 
@@ -609,7 +616,7 @@ def _plot_pseudo_label_quality(
         ax.set_title(f"{model_names(who == 'teacher')[who]}'s pseudo-label {what} "
                      "(IoU >= 0.5, right class)")
         _mark_handover(ax, handover)
-        if ax.get_lines():
+        if ax.get_legend_handles_labels()[1]:  # not the hand-over's line alone
             ax.legend(fontsize=8)
         else:  # precision is undefined while no pseudo-label passes any threshold
             ax.text(0.5, 0.5, "no pseudo-label kept yet", transform=ax.transAxes, ha="center",
