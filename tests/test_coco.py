@@ -489,8 +489,18 @@ def test_check_image_files_names_missing_and_empty_files(tmp_path):
     dataset = load_coco(path)
     (tmp_path / "img").mkdir()
     Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(tmp_path / "img/1.png")
-    with pytest.raises(GdistillError, match="d.json: image file .*2.png not found"):
+    with pytest.raises(GdistillError, match="d.json: image file .*2.png not found$"):
         check_image_files(dataset, tmp_path / "img")
+    # a near miss is named: another letter case, or the file right in the images folder
+    Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(tmp_path / "img/2.PNG")
+    with pytest.raises(GdistillError, match=r"2.png not found, but .*img/2.PNG is there \(letter case"):
+        check_image_files(dataset, tmp_path / "img")
+    (tmp_path / "img/2.PNG").unlink()
+    nested = [{"id": 1, "file_name": "val/1.png", "height": 2, "width": 2}]
+    (tmp_path / "n.json").write_text(json.dumps({"images": nested, "annotations": [], "categories": []}))
+    with pytest.raises(GdistillError, match=r"val/1.png not found, but .*img/1.png is there \(file_names are "
+                       r"paths under the images folder\)"):
+        check_image_files(load_coco(tmp_path / "n.json"), tmp_path / "img")
     (tmp_path / "img/2.png").write_bytes(b"")
     with pytest.raises(GdistillError, match=r"d.json: image file .*2.png is empty \(0 bytes\)"):
         check_image_files(dataset, tmp_path / "img")

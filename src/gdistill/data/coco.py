@@ -558,6 +558,21 @@ def _check_size(
     )
 
 
+def _near_miss(images_dir: Path, file_name: str) -> str:
+    """", but NAME is there" for a file that exists in another letter case (a JSON written on a
+    case-insensitive file system) or right in ``images_dir`` (a folder in the file_name that the
+    images do not sit in); else ""."""
+    relative = Path(file_name)
+    folder = images_dir / relative.parent
+    if folder.is_dir():
+        same = [p for p in folder.iterdir() if p.name.lower() == relative.name.lower()]
+        if same:
+            return f", but {same[0]} is there (letter case differs)"
+    if relative.parent != Path(".") and (images_dir / relative.name).is_file():
+        return f", but {images_dir / relative.name} is there (file_names are paths under the images folder)"
+    return ""
+
+
 def check_image_files(dataset: CocoDataset, images_dir: Path) -> None:
     """Fail before training, not hours into it, when images of ``dataset`` are missing, empty,
     not images, or of another size than the annotation file says (headers only: a file cut
@@ -570,6 +585,7 @@ def check_image_files(dataset: CocoDataset, images_dir: Path) -> None:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise GdistillError(
             f"{dataset.path}: image file {images_dir / missing[0]} not found{more}"
+            f"{_near_miss(images_dir, missing[0])}"
         )
     empty = [img.file_name for img in dataset.images if (images_dir / img.file_name).stat().st_size == 0]
     if empty:
