@@ -183,7 +183,13 @@ def test_integral_float_sizes_are_read_as_integers(tmp_path):
         ),
         (
             coco_dict([ann(5, {"size": [10, 12], "counts": "f03700000V1"})]),
-            "annotation 5 has an RLE of size 10x12 but its image is 10x10",
+            "annotation 5 has an RLE of size 10x12 but its image is 10x10 \\(height x width\\)$",
+        ),
+        (
+            coco_dict([ann(5, {"size": [12, 10], "counts": "f03700000V1"})],
+                      images=[{"id": 1, "file_name": "a.png", "height": 10, "width": 12}]),
+            "annotation 5 has an RLE of size 12x10 but its image is 10x12 \\(height x width\\); one of "
+            "the two has height and width swapped",
         ),
         (
             coco_dict([ann(5, {"size": [10, 10], "counts": [22, 3]})]),

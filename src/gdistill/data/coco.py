@@ -151,9 +151,14 @@ def _to_rle(segmentation: Any, height: int, width: int, where: str) -> dict:
         ):
             raise GdistillError(f"{where} has an RLE without valid 'size' and 'counts'")
         if size != [height, width]:
+            swapped = (
+                "; one of the two has height and width swapped (COCO writes both as height, width)"
+                if size == [width, height]
+                else ""
+            )
             raise GdistillError(
                 f"{where} has an RLE of size {size[0]}x{size[1]} but its image is "
-                f"{height}x{width} (height x width)"
+                f"{height}x{width} (height x width){swapped}"
             )
         if isinstance(counts, list):
             if not all(_is_int(v) and v >= 0 for v in counts):
