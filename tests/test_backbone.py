@@ -341,7 +341,9 @@ def test_drop_path_rate_reaches_the_trunk_and_a_model_without_it_needs_zero(monk
     swin = TimmBackbone("swin_tiny_patch4_window7_224", drop_path_rate=0.3, **kwargs)
     # timm spreads the rate linearly over the blocks, the last one gets all of it
     assert max(_drop_rates(swin)) == pytest.approx(0.3)
-    assert not _drop_rates(TimmBackbone("swin_tiny_patch4_window7_224", **kwargs))  # 0: none
+    assert not _drop_rates(TimmBackbone("swin_tiny_patch4_window7_224", drop_path_rate=0.0, **kwargs))
+    # -1, the default: the model's own (timm's Swin: 0.1)
+    assert max(_drop_rates(TimmBackbone("swin_tiny_patch4_window7_224", **kwargs))) == pytest.approx(0.1)
 
     real = timm.create_model
 
@@ -352,6 +354,7 @@ def test_drop_path_rate_reaches_the_trunk_and_a_model_without_it_needs_zero(monk
 
     monkeypatch.setattr(timm, "create_model", without_drop_path)
     assert TimmBackbone("resnet18").channels == [64, 128, 256, 512]
+    assert TimmBackbone("resnet18", drop_path_rate=0.0).channels == [64, 128, 256, 512]
     with pytest.raises(GdistillError, match=r"model.backbone=resnet18 has no stochastic depth: "
                        r"model.drop_path_rate=0.2 cannot apply"):
         TimmBackbone("resnet18", drop_path_rate=0.2)
@@ -365,4 +368,4 @@ def test_paper_presets_start_from_the_papers_weights():
         model = timm.create_model(cfg.model.backbone, pretrained=False)
         assert model.pretrained_cfg["tag"] == "tv_in1k", cfg.model.backbone
     assert load_config("coco_swin_l").model.drop_path_rate == 0.3
-    assert Config().model.drop_path_rate == 0.0
+    assert Config().model.drop_path_rate == -1.0

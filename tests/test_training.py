@@ -120,6 +120,30 @@ def test_resume_is_exact_across_the_handover(tiny_data, stage_a, tmp_path):
     assert _equal(_weights(resumed, "teacher"), _weights(full, "teacher"))
 
 
+def test_a_run_saved_before_the_decayed_level_embedding_resumes(tiny_data, tmp_path, monkeypatch):
+    """Builds before model.drop_path_rate kept the pixel decoder's level_embed out of weight decay:
+    the parameter groups of their optimizer state differ, and resuming stopped with a traceback."""
+    import gdistill.engine.trainer as trainer_module
+    from gdistill.engine.optim import LEGACY_NO_DECAY, build_optimizer
+
+    def old_build_optimizer(*args, extra_no_decay=()):
+        return build_optimizer(*args, extra_no_decay=LEGACY_NO_DECAY)
+
+    cfg = load_config("demo", [*TINY, "solver.max_iters=4", "eval_period=0", "checkpoint_period=2"])
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module, "build_optimizer", old_build_optimizer)
+        train(cfg, tmp_path / "full", tiny_data, progress=False)
+    old = tmp_path / "old"
+    old.mkdir()
+    payload = load_checkpoint(tmp_path / "full" / "last.prev.pt")
+    assert payload["step"] == 2
+    del payload["config"]["model"]["drop_path_rate"]  # as that build saved it
+    save_checkpoint(payload, old / "last.pt")
+    train(load_config("demo", TINY), old, tiny_data, resume=True, progress=False)
+    resumed, full = load_checkpoint(old / "last.pt"), load_checkpoint(tmp_path / "full" / "last.pt")
+    assert resumed["step"] == 4 and _equal(_weights(resumed, "model"), _weights(full, "model"))
+
+
 def _stage_a_with_ema(tiny_data, stage_a, out, max_iters, extra=()):
     cfg = load_config("demo", [
         *TINY, f"solver.max_iters={max_iters}", "eval_period=0", "checkpoint_period=3",

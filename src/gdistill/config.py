@@ -54,7 +54,9 @@ class ModelConfig:
     backbone_weights: str = ""  # local weights file for the backbone (state dict)
     frozen_stages: int = 0  # 0: train all; n: freeze stem and the first n - 1 stages
     frozen_bn: bool = True  # backbone BatchNorm: fixed statistics and affine (COCO R50: FrozenBN)
-    drop_path_rate: float = 0.0  # the backbone's stochastic depth (Mask2Former's Swin: 0.3)
+    # the backbone's stochastic depth; -1: the timm model's own (Swin 0.1, most CNNs none);
+    # Mask2Former trains Swin with 0.3
+    drop_path_rate: float = -1.0
     num_classes: int = 0  # K thing classes; filled in from the labelled data
     hidden_dim: int = 256
     num_queries: int = 100
@@ -425,7 +427,7 @@ _BOUNDS = {
     "model.enc_dim_feedforward": _AT_LEAST_1,
     "model.mask_dim": _AT_LEAST_1,
     "model.pixel_std": _ABOVE_0,
-    "model.drop_path_rate": _IN_0_1_OPEN_TOP,
+    "model.drop_path_rate": _Bound("-1 (the model's own) or in [0, 1)", lambda v: v == -1 or 0 <= v < 1),
     "model.size_divisibility": _AT_LEAST_1,
     "model.detections_per_image": _AT_LEAST_1,
     "loss.class_weight": _AT_LEAST_0,

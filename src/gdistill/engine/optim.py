@@ -18,13 +18,23 @@ _NORM_TYPES = (
 )
 
 
+# Parameter names that builds before the fifteenth session also kept from weight decay: runs they
+# saved resume with the parameter groups of their optimizer state.
+LEGACY_NO_DECAY = ("pos_embed", "cls_token", "reg_token", "level_embed")
+
+
 def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, backbone_lr_mult: float
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    backbone_lr_mult: float,
+    extra_no_decay: tuple[str, ...] = (),
 ) -> torch.optim.AdamW:
     """Backbone parameters get ``lr · backbone_lr_mult``; norm layers, ``nn.Embedding`` tables
     (queries, the decoder's level embedding) and Swin's position tables get no weight decay
     (Mask2Former's WEIGHT_DECAY_NORM / _EMBED = 0). Bare parameters are decayed as there: the pixel
-    decoder's ``level_embed``, a ViT's ``pos_embed`` and ``cls_token``."""
+    decoder's ``level_embed``, a ViT's ``pos_embed`` and ``cls_token``; ``extra_no_decay`` names
+    more parameters to leave undecayed."""
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     seen: set[int] = set()
     for module_name, module in model.named_modules():
@@ -37,6 +47,7 @@ def build_optimizer(
                 isinstance(module, (*_NORM_TYPES, nn.Embedding))
                 or "relative_position_bias_table" in name
                 or "absolute_pos_embed" in name
+                or name in extra_no_decay
                 or "norm" in type(module).__name__.lower()
                 and param.ndim == 1
             )

@@ -76,7 +76,7 @@ from gdistill.engine.checkpoint import (
     set_rng_state,
 )
 from gdistill.engine.evaluate import autocast_for, evaluate_model, validation_picture
-from gdistill.engine.optim import build_optimizer, build_scheduler
+from gdistill.engine.optim import LEGACY_NO_DECAY, build_optimizer, build_scheduler
 from gdistill.engine.run_info import read_run_info, write_run_info
 from gdistill.engine.stop_signals import StopOnSignal
 from gdistill.errors import GdistillError, NonFiniteOutputsError, TrainingStopped, one_line
@@ -488,14 +488,24 @@ def _train(
                 # Saved by a build before the key, whose stage B drew its labelled images by
                 # data.repeat_factor_threshold as stage A did: go on drawing them so.
                 run_cfg.distill.repeat_factor_threshold = run_cfg.data.repeat_factor_threshold
+        # Saved before model.drop_path_rate existed, by a build whose batch sizes were per process
+        # and whose optimizer left bare embedding tables undecayed: resume as it trained.
+        saved_before_global_batch = "drop_path_rate" not in state["config"].get("model", {})
+        if saved_before_global_batch:
+            saved_without.add("model.drop_path_rate")
         with _setup_warnings_from_first_rank():
             _warn_config_ignored_on_resume(cfg, run_cfg, state_path, saved_without)
             _check_resumed_run(state, state_path, out_dir, data, teacher_checkpoint)
+        if saved_before_global_batch:
+            saved_by = len(state["rng"]) if isinstance(state["rng"], list) else 1
+            run_cfg.data.batch_size *= saved_by
+            run_cfg.data.unlabelled_batch_size *= saved_by
         cfg = run_cfg
         stage = state["stage"]
     else:
         state = None
         stage = "distill" if teacher_checkpoint else "teacher"
+        saved_before_global_batch = False
     is_distill = stage == "distill"
     distill_cfg = cfg.distill
     if is_distill and distill_cfg.student_init == "pretrained" and (
@@ -604,7 +614,13 @@ def _train(
     # checkpointed on its own (the supervised counterpart of stage B's EMA teacher).
     ema_model = freeze(copy.deepcopy(student)) if cfg.solver.ema_decay > 0 else None
     criterion = build_criterion(cfg, num_classes).to(device)
-    optimizer = build_optimizer(student, cfg.solver.lr, cfg.solver.weight_decay, cfg.solver.backbone_lr_mult)
+    optimizer = build_optimizer(
+        student,
+        cfg.solver.lr,
+        cfg.solver.weight_decay,
+        cfg.solver.backbone_lr_mult,
+        extra_no_decay=LEGACY_NO_DECAY if saved_before_global_batch else (),
+    )
     # The student is DDP-wrapped; the teacher never is (it only changes through the EMA, which
     # every rank applies to its own copy from identical student weights).
     model = student

