@@ -124,7 +124,7 @@ def test_an_area_larger_than_the_image_is_replaced_with_a_warning(tmp_path):
 def test_one_file_under_two_image_ids_is_named(tmp_path):
     images = [{"id": i, "file_name": name, "height": 10, "width": 10}
               for i, name in [(3, "a.png"), (7, "b.png"), (9, "a.png")]]
-    with pytest.warns(UserWarning, match=r"t.json: 1 image files are listed under several image ids "
+    with pytest.warns(UserWarning, match=r"t.json: 1 image file is listed under several image ids "
                       r"\('a.png': ids 3, 9\); each entry counts as an image of its own"):
         dataset = load_coco(write_json(tmp_path / "t.json", coco_dict(images=images)))
     assert [img.id for img in dataset.images] == [3, 7, 9]

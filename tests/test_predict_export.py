@@ -430,8 +430,9 @@ def test_onnx_export_matches_pytorch(checkpoint, tmp_path, capsys):
     assert (info["class_names"], info["category_ids"]) == (predictor.class_names,
                                                            predictor.category_ids)
     image = np.random.default_rng(0).integers(0, 256, (50, 120, 3), dtype=np.uint8)
+    assert info["pad_value"] == PAD_VALUE == 128
     x, size = fit_to_input(image, info["height"], info["width"], info["short_side"],
-                           info["max_side"])
+                           info["max_side"], info["pad_value"])
     assert x.shape == (1, 3, 64, 96) and size == (40, 96)
     assert torch.all(x[..., 40:, :] == PAD_VALUE / 255)  # predict's grey
     logits, masks = session.run(None, {"images": x.numpy()})
@@ -717,6 +718,23 @@ def test_predict_with_annotations_writes_their_image_ids_for_any_coco_tool(check
         f"{synth / 'images' / 'val' / '000001.png'}); --annotations gives the ids of images it "
         "lists, by their path under --input"
     )
+
+
+def test_a_checkpoint_of_a_build_that_padded_with_black_keeps_black(checkpoint, tmp_path):
+    payload = load_checkpoint(checkpoint)
+    assert payload["config"]["data"]["pad_value"] == 128
+    del payload["config"]["data"]["pad_value"]
+    save_checkpoint(payload, tmp_path / "old.pt")
+    old = load_model(tmp_path / "old.pt", device="cpu")
+    assert old.cfg.data.pad_value == 0
+    # predict pads the batch with it: a 50x120 image is read at 40x96 and padded to 64x96
+    image = np.random.default_rng(0).integers(0, 256, (50, 120, 3), dtype=np.uint8)
+    seen = []
+    real_forward = old.model.forward
+    old.model.forward = lambda images: seen.append(images) or real_forward(images)
+    old.predict(image)
+    assert seen[0].shape[-2:] == (64, 96) and torch.all(seen[0][..., 40:, :] == 0)
+    assert seen[0][..., :40, :].max() > 0
 
 
 def test_large_images_upsample_masks_in_chunks_with_the_same_result(monkeypatch):

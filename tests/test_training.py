@@ -129,7 +129,8 @@ def test_a_run_saved_before_the_decayed_level_embedding_resumes(tiny_data, tmp_p
     def old_build_optimizer(*args, extra_no_decay=()):
         return build_optimizer(*args, extra_no_decay=LEGACY_NO_DECAY)
 
-    cfg = load_config("demo", [*TINY, "solver.max_iters=4", "eval_period=0", "checkpoint_period=2"])
+    cfg = load_config("demo", [*TINY, "solver.max_iters=4", "eval_period=0", "checkpoint_period=2",
+                               "data.pad_value=0"])  # those builds padded with black
     with monkeypatch.context() as patch:
         patch.setattr(trainer_module, "build_optimizer", old_build_optimizer)
         train(cfg, tmp_path / "full", tiny_data, progress=False)
@@ -138,8 +139,13 @@ def test_a_run_saved_before_the_decayed_level_embedding_resumes(tiny_data, tmp_p
     payload = load_checkpoint(tmp_path / "full" / "last.prev.pt")
     assert payload["step"] == 2
     del payload["config"]["model"]["drop_path_rate"]  # as that build saved it
+    del payload["config"]["data"]["pad_value"]
     save_checkpoint(payload, old / "last.pt")
-    train(load_config("demo", TINY), old, tiny_data, resume=True, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(load_config("demo", TINY), old, tiny_data, resume=True, progress=False)
+    said = " ".join(str(w.message) for w in caught)
+    assert "ignored: " in said and "pad_value" not in said and "drop_path" not in said  # keys it lacked
     resumed, full = load_checkpoint(old / "last.pt"), load_checkpoint(tmp_path / "full" / "last.pt")
     assert resumed["step"] == 4 and _equal(_weights(resumed, "model"), _weights(full, "model"))
 

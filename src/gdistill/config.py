@@ -41,6 +41,7 @@ class DataConfig:
     # stage B has its own, distill.repeat_factor_threshold
     repeat_factor_threshold: float = 0.0
     eval_batch_size: int = 4
+    pad_value: int = 128  # pixel value (0-255) around padded images; the authors' crop: grey 128
 
 
 @dataclass
@@ -368,6 +369,8 @@ def resolve_preset(path: str | Path) -> Path:
 
 def config_from_dict(values: dict[str, Any], source: str = "checkpoint") -> Config:
     cfg = apply_dict(Config(), values, source)
+    if "pad_value" not in values.get("data", {}):  # saved by a build that padded with black
+        cfg.data.pad_value = 0
     validate_config(cfg)
     return cfg
 
@@ -417,6 +420,7 @@ _BOUNDS = {
     "data.repeat_factor_threshold": _AT_LEAST_0,
     "distill.repeat_factor_threshold": _AT_LEAST_0,
     "data.eval_batch_size": _AT_LEAST_1,
+    "data.pad_value": _Bound("in 0..255", lambda v: 0 <= v <= 255),
     "model.hidden_dim": _AT_LEAST_1,
     "model.num_queries": _AT_LEAST_1,
     "model.dec_layers": _AT_LEAST_0,  # 0: the prediction heads on the learned queries only

@@ -14,7 +14,8 @@ resize and pad an image with :func:`fit_to_input`, run the exported model, then 
 :func:`outputs_to_instances`::
 
     info = json.loads(Path("model.onnx.json").read_text())
-    x, size = fit_to_input(image, info["height"], info["width"], info["short_side"], info["max_side"])
+    x, size = fit_to_input(image, info["height"], info["width"], info["short_side"], info["max_side"],
+                           info["pad_value"])
     logits, masks = session.run(None, {"images": x.numpy()})   # onnxruntime
     instances = outputs_to_instances(logits, masks, size, image.shape[:2],
                                      info["detections_per_image"])
@@ -187,6 +188,7 @@ def export_model(
         "format": fmt, "weights": str(Path(weights).resolve()), "model": model,
         "height": height, "width": width,
         "short_side": cfg.data.test_short_side, "max_side": cfg.data.test_max_side,
+        "pad_value": cfg.data.pad_value,
         "detections_per_image": cfg.model.detections_per_image,
         "class_names": predictor.class_names, "category_ids": predictor.category_ids,
     }
@@ -201,9 +203,11 @@ def fit_to_input(
     width: int,
     short_side: int | None = None,
     max_side: int | None = None,
+    pad_value: int = PAD_VALUE,
 ) -> tuple[Tensor, tuple[int, int]]:
     """Resize an image as ``predict`` does and pad it bottom / right to the export size with
-    ``predict``'s grey (``PAD_VALUE`` / 255).
+    ``pad_value`` / 255 (the model's ``data.pad_value``, ``pad_value`` in the ``.json``; grey 128
+    for models of this version).
 
     With ``short_side`` and ``max_side`` (the model's ``data.test_short_side`` and
     ``data.test_max_side``, in the ``.json`` that ``export_model`` writes beside the graph) the
@@ -234,7 +238,7 @@ def fit_to_input(
         h, w = h * scale, w * scale
     h, w = max(1, min(height, int(h + 0.5))), max(1, min(width, int(w + 0.5)))
     x = resize_to(image, (h, w))[None].float() / 255.0
-    return F.pad(x, (0, width - w, 0, height - h), value=PAD_VALUE / 255.0), (h, w)
+    return F.pad(x, (0, width - w, 0, height - h), value=pad_value / 255.0), (h, w)
 
 
 def outputs_to_instances(

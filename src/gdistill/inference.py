@@ -93,7 +93,10 @@ class Predictor:
             resized = resize_for_eval(tensor, self.cfg.data.test_short_side, self.cfg.data.test_max_side)
             samples.append({"image": resized, "orig_size": orig, "image_id": None, "key": ""})
         pad = self.cfg.model.size_divisibility
-        loader = [collate_eval(samples[i : i + batch_size], pad) for i in range(0, len(samples), batch_size)]
+        loader = [
+            collate_eval(samples[i : i + batch_size], pad, self.cfg.data.pad_value)
+            for i in range(0, len(samples), batch_size)
+        ]
         out: list[Instances] = []
         for _, _, instances in predict_batches(
             self.model,
@@ -213,7 +216,9 @@ def evaluate_checkpoint(
     loader = DataLoader(
         EvalDataset(dataset, images_dir, cfg.data.test_short_side, cfg.data.test_max_side),
         batch_size=cfg.data.eval_batch_size,
-        collate_fn=partial(collate_eval, size_divisibility=cfg.model.size_divisibility),
+        collate_fn=partial(
+            collate_eval, size_divisibility=cfg.model.size_divisibility, pad_value=cfg.data.pad_value
+        ),
     )
     metrics, _ = evaluate_model(
         predictor.model,

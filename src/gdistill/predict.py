@@ -60,9 +60,14 @@ def image_ids_from(annotations: str | Path, inputs: list[UnlabelledImage]) -> li
                 f"{annotations}: no image with file_name {item.key!r} (the input {item.path}); "
                 "--annotations gives the ids of images it lists, by their path under --input"
             )
-    if len(set(ids)) < len(ids):
-        raise GdistillError(f"{annotations}: two inputs match the same image; give --input the "
-                            "folder its file_names are relative to")
+    first_input: dict[int, str] = {}
+    for item, image_id in zip(inputs, ids, strict=True):
+        if image_id in first_input:
+            raise GdistillError(
+                f"{annotations}: inputs {first_input[image_id]!r} and {item.key!r} both match image "
+                f"{image_id}; give --input the folder its file_names are relative to"
+            )
+        first_input[image_id] = item.key
     return ids
 
 

@@ -131,9 +131,11 @@ def pseudo_label_picture(
     cfg = predictor.cfg
     items = open_unlabelled(unlabelled, unlabelled_images)[:count]
     dataset = UnlabelledDataset(
-        items, UnlabelledAugment(cfg.data.image_size, cfg.data.scale_range), cfg.seed
+        items,
+        UnlabelledAugment(cfg.data.image_size, cfg.data.scale_range, pad_value=cfg.data.pad_value),
+        cfg.seed,
     )
-    batch = collate_unlabelled([dataset[i] for i in range(len(items))])
+    batch = collate_unlabelled([dataset[i] for i in range(len(items))], pad_value=cfg.data.pad_value)
     outputs = predictor.model(images_to_model_input(batch["weak"].to(predictor.device)))
     d = cfg.distill
     targets, _ = pseudo_labels_from_teacher(

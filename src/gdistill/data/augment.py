@@ -19,9 +19,9 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-# Pixel value of the padding around an image, in training crops and in padded batches alike: the
-# authors' FixedSizeCrop pads with grey 128 (after normalisation about 0.1, 0.2, 0.4; black would
-# be -2).
+# Pixel value of the padding around an image, in training crops and in padded batches alike
+# (``data.pad_value``): the authors' FixedSizeCrop pads with grey 128 (after normalisation about
+# 0.1, 0.2, 0.4; black would be -2).
 PAD_VALUE = 128
 
 
@@ -201,7 +201,7 @@ class LabelledAugment:
     """Large-scale jitter for labelled images (paper's COCO pipeline).
 
     Horizontal flip p 0.5 → resize to fit (s·size)² with s ~ U[scale_range] keeping the aspect ratio
-    → random crop to at most size × size → zero-pad right/bottom to size × size. The image is
+    → random crop to at most size × size → pad right/bottom with ``pad_value`` to size × size. The image is
     resized bilinearly with antialiasing, masks with centre-aligned nearest neighbour. Instances
     whose mask is empty afterwards are dropped. `color_jitter` > 0 adds
     ColorJitter(c, c, c, min(c/4, 0.1)) with p 0.8 (off in the paper).
@@ -213,9 +213,11 @@ class LabelledAugment:
         scale_range: tuple[float, float] = (0.1, 2.0),
         flip: bool = True,
         color_jitter: float = 0.0,
+        pad_value: int = PAD_VALUE,
     ) -> None:
         if size <= 0 or not 0 < scale_range[0] <= scale_range[1]:
             raise ValueError(f"bad LSJ parameters size={size} scale_range={scale_range}")
+        self.pad_value = pad_value
         self.size = size
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.flip = flip
@@ -247,7 +249,7 @@ class LabelledAugment:
         masks = apply_geometry_masks(masks.bool(), geo)
         keep = masks.flatten(1).any(dim=1)
         return {
-            "image": _pad(out, self.size, PAD_VALUE),
+            "image": _pad(out, self.size, self.pad_value),
             "masks": _pad(masks[keep], self.size),
             "labels": labels[keep].long(),
             "valid": _valid_mask(geo),
@@ -258,15 +260,20 @@ class UnlabelledAugment:
     """Weak and strong views of one unlabelled image with identical geometry.
 
     weak = LSJ (as ``LabelledAugment``); strong = ``strong_photometric`` of the weak pixels. The
-    photometric ops run on the un-padded crop, so padding is ``PAD_VALUE`` in both views and the
+    photometric ops run on the un-padded crop, so padding is ``pad_value`` in both views and the
     jitter's statistics (contrast mean, blur borders) never see padding.
     """
 
     def __init__(
-        self, size: int, scale_range: tuple[float, float] = (0.1, 2.0), flip: bool = True
+        self,
+        size: int,
+        scale_range: tuple[float, float] = (0.1, 2.0),
+        flip: bool = True,
+        pad_value: int = PAD_VALUE,
     ) -> None:
         if size <= 0 or not 0 < scale_range[0] <= scale_range[1]:
             raise ValueError(f"bad LSJ parameters size={size} scale_range={scale_range}")
+        self.pad_value = pad_value
         self.size = size
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.flip = flip
@@ -285,8 +292,8 @@ class UnlabelledAugment:
         weak = apply_geometry_image(image, geo)
         strong = strong_photometric(weak, generator)
         return {
-            "weak": _pad(weak, self.size, PAD_VALUE),
-            "strong": _pad(strong, self.size, PAD_VALUE),
+            "weak": _pad(weak, self.size, self.pad_value),
+            "strong": _pad(strong, self.size, self.pad_value),
             "valid": _valid_mask(geo),
         }
 

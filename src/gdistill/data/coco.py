@@ -253,7 +253,8 @@ def _parse_images(raw: dict, path: Path) -> list[CocoImage]:
     if shared:
         name, ids = shared[0]
         warnings.warn(
-            f"{path}: {len(shared)} image files are listed under several image ids ({name!r}: "
+            f"{path}: {len(shared)} image file{'s are' if len(shared) > 1 else ' is'} listed under "
+            f"several image ids ({name!r}: "
             f"ids {', '.join(map(str, ids))}); each entry counts as an image of its own, in "
             "training as in evaluation",
             stacklevel=3,
@@ -331,7 +332,7 @@ def _parse_annotations(
                 if decoded_area == 0:
                     raise GdistillError(f"{where} has an empty mask (decoded area 0)")
                 if _is_number(area) and area > image.height * image.width:
-                    oversized.append(f"annotation {ann_id}: {area:g} > {image.width}x{image.height}")
+                    oversized.append(f"annotation {ann_id}: {area:g} > {image.height}x{image.width}")
                 if not _is_number(area) or not 0 < area <= image.height * image.width:  # NaN too
                     # COCO's size buckets read it: null, a string or 0 beside a real mask
                     # would put the object in the wrong bucket or break the evaluation, and
@@ -569,10 +570,12 @@ def _near_miss(images_dir: Path, file_name: str) -> str:
     images do not sit in); else ""."""
     relative = Path(file_name)
     folder = images_dir / relative.parent
-    if folder.is_dir():
+    try:
         same = [p for p in folder.iterdir() if p.name.lower() == relative.name.lower()]
-        if same:
-            return f", but {same[0]} is there (letter case differs)"
+    except OSError:  # no such folder, or not readable
+        same = []
+    if same:
+        return f", but {same[0]} is there (letter case differs)"
     if relative.parent != Path(".") and (images_dir / relative.name).is_file():
         return f", but {images_dir / relative.name} is there (file_names are paths under the images folder)"
     return ""

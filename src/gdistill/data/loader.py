@@ -238,13 +238,15 @@ def _pad_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
     return out
 
 
-def collate_labelled(samples: list[dict], size_divisibility: int = 32) -> dict[str, Any]:
+def collate_labelled(
+    samples: list[dict], size_divisibility: int = 32, pad_value: int = PAD_VALUE
+) -> dict[str, Any]:
     """→ {"images": uint8 [B, 3, H, W], "valid": bool [B, H, W],
     "targets": [{"labels": int64 [N], "masks": bool [N, H, W]}], "image_ids": list[int]}
     with H, W the batch maximum rounded up to a multiple of `size_divisibility`."""
     size = padded_size([s["image"].shape[-2:] for s in samples], size_divisibility)
     return {
-        "images": _pad_stack([s["image"] for s in samples], size, PAD_VALUE),
+        "images": _pad_stack([s["image"] for s in samples], size, pad_value),
         "valid": _pad_stack([s["valid"] for s in samples], size),
         "targets": [
             {"labels": s["labels"], "masks": _pad_masks(s["masks"], size)} for s in samples
@@ -253,25 +255,29 @@ def collate_labelled(samples: list[dict], size_divisibility: int = 32) -> dict[s
     }
 
 
-def collate_unlabelled(samples: list[dict], size_divisibility: int = 32) -> dict[str, Any]:
+def collate_unlabelled(
+    samples: list[dict], size_divisibility: int = 32, pad_value: int = PAD_VALUE
+) -> dict[str, Any]:
     """→ {"weak": uint8 [B, 3, H, W], "strong": uint8 [B, 3, H, W], "valid": bool [B, H, W],
     "keys": list[str]}."""
     size = padded_size([s["weak"].shape[-2:] for s in samples], size_divisibility)
     return {
-        "weak": _pad_stack([s["weak"] for s in samples], size, PAD_VALUE),
-        "strong": _pad_stack([s["strong"] for s in samples], size, PAD_VALUE),
+        "weak": _pad_stack([s["weak"] for s in samples], size, pad_value),
+        "strong": _pad_stack([s["strong"] for s in samples], size, pad_value),
         "valid": _pad_stack([s["valid"] for s in samples], size),
         "keys": [s["key"] for s in samples],
     }
 
 
-def collate_eval(samples: list[dict], size_divisibility: int = 32) -> dict[str, Any]:
+def collate_eval(
+    samples: list[dict], size_divisibility: int = 32, pad_value: int = PAD_VALUE
+) -> dict[str, Any]:
     """→ {"images": uint8 [B, 3, H, W], "image_sizes": [(h, w)] (resized, before padding),
     "orig_sizes": [(H, W)], "image_ids": list[int | None], "keys": list[str]}."""
     sizes = [tuple(s["image"].shape[-2:]) for s in samples]
     return {
         "images": _pad_stack(
-            [s["image"] for s in samples], padded_size(sizes, size_divisibility), PAD_VALUE
+            [s["image"] for s in samples], padded_size(sizes, size_divisibility), pad_value
         ),
         "image_sizes": sizes,
         "orig_sizes": [tuple(s["orig_size"]) for s in samples],

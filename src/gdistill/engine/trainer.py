@@ -493,6 +493,8 @@ def _train(
         saved_before_global_batch = "drop_path_rate" not in state["config"].get("model", {})
         if saved_before_global_batch:
             saved_without.add("model.drop_path_rate")
+        if "pad_value" not in state["config"].get("data", {}):
+            saved_without.add("data.pad_value")  # its images were padded with black: 0 is kept
         with _setup_warnings_from_first_rank():
             _warn_config_ignored_on_resume(cfg, run_cfg, state_path, saved_without)
             _check_resumed_run(state, state_path, out_dir, data, teacher_checkpoint)
@@ -691,7 +693,7 @@ def _train(
     labelled_ds = LabelledDataset(
         labelled,
         data.images_dir,
-        LabelledAugment(dcfg.image_size, dcfg.scale_range),
+        LabelledAugment(dcfg.image_size, dcfg.scale_range, pad_value=dcfg.pad_value),
         seed=cfg.seed,
     )
     # The authors sample labelled images uniformly in stage A, by repeat factors in stage B.
@@ -708,7 +710,7 @@ def _train(
     labelled_iter = infinite_loader(
         labelled_ds,
         labelled_batch,
-        partial(collate_labelled, size_divisibility=cfg.model.size_divisibility),
+        partial(collate_labelled, size_divisibility=cfg.model.size_divisibility, pad_value=dcfg.pad_value),
         sampler,
         dcfg.num_workers,
         seed=cfg.seed,
@@ -719,7 +721,8 @@ def _train(
         if not data.unlabelled:
             raise GdistillError("distillation needs unlabelled images (--unlabelled)")
         unlabelled_ds = UnlabelledDataset(
-            data.unlabelled, UnlabelledAugment(dcfg.image_size, dcfg.scale_range), seed=cfg.seed + 1
+            data.unlabelled, UnlabelledAugment(dcfg.image_size, dcfg.scale_range, pad_value=dcfg.pad_value),
+            seed=cfg.seed + 1,
         )
         consumed = sum(
             unsupervised_loss_active(s, cfg.distill.burn_in, cfg.distill.burnin_iters)
@@ -728,7 +731,9 @@ def _train(
         unlabelled_iter = infinite_loader(
             unlabelled_ds,
             unlabelled_batch,
-            partial(collate_unlabelled, size_divisibility=cfg.model.size_divisibility),
+            partial(
+                collate_unlabelled, size_divisibility=cfg.model.size_divisibility, pad_value=dcfg.pad_value
+            ),
             InfiniteSampler(len(unlabelled_ds), seed=cfg.seed + 1, rank=rank, world_size=world),
             dcfg.num_workers,
             seed=cfg.seed + 1,
@@ -743,7 +748,9 @@ def _train(
             val_set,
             batch_size=dcfg.eval_batch_size,
             shuffle=False,
-            collate_fn=partial(collate_eval, size_divisibility=cfg.model.size_divisibility),
+            collate_fn=partial(
+                collate_eval, size_divisibility=cfg.model.size_divisibility, pad_value=dcfg.pad_value
+            ),
             generator=torch.Generator(),  # evaluation must not draw from the training RNG
             num_workers=worker_count(min(dcfg.num_workers, 2)),
             worker_init_fn=ignore_stop_signals,
