@@ -643,8 +643,8 @@ def test_predict_pads_batches_to_the_configured_multiple(checkpoint, monkeypatch
     shapes = []
     collate = gdistill.inference.collate_eval
 
-    def recording(samples, size_divisibility=32):
-        batch = collate(samples, size_divisibility)
+    def recording(samples, size_divisibility=32, pad_value=128):
+        batch = collate(samples, size_divisibility, pad_value)
         shapes.append(tuple(batch["images"].shape[-2:]))
         return batch
 
