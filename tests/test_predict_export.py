@@ -720,6 +720,33 @@ def test_predict_with_annotations_writes_their_image_ids_for_any_coco_tool(check
     )
 
 
+def test_predict_matches_annotations_file_names_as_eval_does(tmp_path):
+    from gdistill.data.sources import UnlabelledImage
+    from gdistill.predict import image_ids_from
+
+    gt = {
+        "images": [{"id": 7, "file_name": "val/a.png", "height": 4, "width": 4},
+                   {"id": 8, "file_name": "val/b.png", "height": 4, "width": 4},
+                   {"id": 9, "file_name": "test/b.png", "height": 4, "width": 4}],
+        "annotations": [],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+
+    def ids(*keys):
+        return image_ids_from(tmp_path / "gt.json",
+                              [UnlabelledImage(key=k, path=tmp_path / k, image_id=None) for k in keys])
+
+    assert ids("val/a.png") == [7]
+    assert ids("a.png") == [7]  # the end of val/a.png
+    assert ids("data/val/b.png", "test/b.png") == [8, 9]
+    # another folder with the same file name is not that image (eval would not match it either)
+    with pytest.raises(GdistillError, match=r"gt.json: no image with file_name 'train/a.png' \(the input"):
+        ids("train/a.png")
+    with pytest.raises(GdistillError, match=r"gt.json: several images match file_name 'b.png' \(the input"):
+        ids("b.png")
+
+
 def test_a_checkpoint_of_a_build_that_padded_with_black_keeps_black(checkpoint, tmp_path):
     payload = load_checkpoint(checkpoint)
     assert payload["config"]["data"]["pad_value"] == 128

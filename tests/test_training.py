@@ -499,6 +499,34 @@ def test_batch_sizes_are_over_all_processes(tiny_data, stage_a, tmp_path, monkey
     with pytest.raises(GdistillError, match=r"^data.unlabelled_batch_size=5 is the batch"):
         train(cfg, tmp_path / "b", tiny_data, teacher_checkpoint=stage_a / "best.pt", progress=False)
 
+    # Each of the 2 processes draws its share: the loaders get half of each batch.
+    from gdistill.engine import trainer as trainer_module
+
+    class LoadersBuilt(Exception):
+        pass
+
+    drawn = []
+
+    def spy_loader(dataset, batch_size, *args, **kwargs):
+        drawn.append((type(dataset).__name__, batch_size))
+        if len(drawn) == expected_loaders:
+            raise LoadersBuilt
+        return iter(())
+
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    monkeypatch.setattr(distributed, "wrap_ddp", lambda module, device: module)
+    monkeypatch.setattr(trainer_module, "infinite_loader", spy_loader)
+    cfg = load_config("demo", [*TINY, "data.batch_size=4", "data.unlabelled_batch_size=6"])
+    expected_loaders = 1
+    with pytest.raises(LoadersBuilt):
+        train(cfg, tmp_path / "c", tiny_data, progress=False)
+    assert drawn == [("LabelledDataset", 2)]
+    drawn.clear()
+    expected_loaders = 2
+    with pytest.raises(LoadersBuilt):
+        train(cfg, tmp_path / "d", tiny_data, teacher_checkpoint=stage_a / "best.pt", progress=False)
+    assert drawn == [("LabelledDataset", 2), ("UnlabelledDataset", 3)]
+
 
 def test_a_diverged_teacher_stops_distillation_in_one_line(tiny_data, stage_a, tmp_path):
     payload = load_checkpoint(stage_a / "best.pt")

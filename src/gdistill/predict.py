@@ -23,7 +23,7 @@ from gdistill.data.augment import eval_size
 from gdistill.data.coco import load_coco, read_image
 from gdistill.data.sources import IMAGE_EXTENSIONS, UnlabelledImage, unlabelled_from_folder
 from gdistill.errors import GdistillError, UnreadableImageError
-from gdistill.evaluation.coco_eval import instances_to_coco_results, write_results
+from gdistill.evaluation.coco_eval import ids_of_file_names, instances_to_coco_results, write_results
 from gdistill.progress import progress_bar
 from gdistill.viz import overlay_instances
 
@@ -42,24 +42,24 @@ def list_inputs(source: str | Path, skipped: list[str] | None = None) -> list[Un
 
 
 def image_ids_from(annotations: str | Path, inputs: list[UnlabelledImage]) -> list[int]:
-    """The image id of each input in a COCO file, matched by ``file_name`` (the path under the
-    input folder; or the file's name, when that names one image of the file)."""
+    """The image id of each input in a COCO file, matched by ``file_name`` as `gdistill eval`
+    matches predictions' file names (:func:`ids_of_file_names`), so both give the same ids."""
     images = load_coco(annotations, require_annotations=False).images
-    by_path = {img.file_name: img.id for img in images}
-    by_name: dict[str, list[int]] = {}
-    for img in images:
-        by_name.setdefault(Path(img.file_name).name, []).append(img.id)
+    found = ids_of_file_names(
+        [item.key for item in inputs], {img.id: {"id": img.id, "file_name": img.file_name} for img in images}
+    )
     ids = []
-    for item in inputs:
-        if item.key in by_path:
-            ids.append(by_path[item.key])
-        elif len(by_name.get(Path(item.key).name, [])) == 1:
-            ids.append(by_name[Path(item.key).name][0])
-        else:
-            raise GdistillError(
-                f"{annotations}: no image with file_name {item.key!r} (the input {item.path}); "
-                "--annotations gives the ids of images it lists, by their path under --input"
+    for item, matches in zip(inputs, found, strict=True):
+        if len(matches) != 1:
+            what = (
+                f"several images match file_name {item.key!r}" if matches
+                else f"no image with file_name {item.key!r}"
             )
+            raise GdistillError(
+                f"{annotations}: {what} (the input {item.path}); --annotations gives the ids of "
+                "images it lists, by their path under --input"
+            )
+        ids.append(matches[0])
     first_input: dict[int, str] = {}
     for item, image_id in zip(inputs, ids, strict=True):
         if image_id in first_input:

@@ -381,8 +381,10 @@ def _check_results(results: Any, source: str, decode_strings: bool = True) -> No
                 )
 
 
-def _ids_of_file_names(names: list[str], images: dict[int, dict]) -> list[list[int]]:
-    """For each name, the ids of the ground-truth images it names (see _match_file_names)."""
+def ids_of_file_names(names: list[str], images: dict[int, dict]) -> list[list[int]]:
+    """For each name, the ids of the ground-truth images it names: the image whose file_name it
+    is (when one image has it), or whose file_name ends with it ("a.jpg" names "val/a.jpg"), or
+    whose file_name it ends with ("/data/val/a.jpg" names "val/a.jpg")."""
     by_suffix: dict[str, list[int]] = {}
     by_name: dict[str, list[int]] = {}
     for img in images.values():
@@ -413,7 +415,7 @@ def _warn_images_not_predicted(listing: Path, images: dict[int, dict], annotatio
         return  # not predict's listing
     if not all(isinstance(n, str) for n in names):
         return
-    read = {i for ids in _ids_of_file_names(names, images) if len(ids) == 1 for i in ids}
+    read = {i for ids in ids_of_file_names(names, images) if len(ids) == 1 for i in ids}
     if not read:
         return  # another naming
     with_objects = {a["image_id"] for a in annotations if not a.get("iscrowd")}
@@ -436,7 +438,7 @@ def _match_file_names(results: list[dict], images: dict[int, dict], source: str)
     (another naming); if some do, one that does not is an error."""
     if not results or not all(isinstance(r.get("file_name"), str) for r in results):
         return results
-    found = _ids_of_file_names([r["file_name"] for r in results], images)
+    found = ids_of_file_names([r["file_name"] for r in results], images)
     if not any(found):
         return results
     matched = []
