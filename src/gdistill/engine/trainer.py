@@ -331,7 +331,7 @@ def _warn_config_ignored_on_resume(
     if ignored:
         warnings.warn(
             f"{state_path}: resuming with the run's own config; ignored: {', '.join(ignored)}",
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
@@ -404,7 +404,7 @@ def _check_resumed_run(
         warnings.warn(
             f"{out_dir}: the run was evaluated on {evaluated_on}; resumed without --val, it is not "
             "evaluated again and best.pt stays as it was",
-            stacklevel=3,
+            stacklevel=4,
         )
     given = {
         "labelled": (_resolved(data.labelled.path), len(data.labelled.images)),
@@ -431,15 +431,165 @@ def _check_resumed_run(
         warnings.warn(
             f"{out_dir}: resumed on other data than the run started with: {'; '.join(changed)}; "
             f"it goes on with the data given now{mixed}",
-            stacklevel=3,
+            stacklevel=4,
         )
     started_from = info.get("teacher_checkpoint")
     if teacher_checkpoint is not None and _resolved(teacher_checkpoint) != started_from:
         warnings.warn(
             f"--teacher {teacher_checkpoint} is ignored on resume: the run goes on with its own "
             f"teacher, saved in {state_path.name} (it started from {started_from})",
-            stacklevel=3,
+            stacklevel=4,
         )
+
+
+def _config_of_resumed_run(
+    cfg: Config,
+    state: dict,
+    state_path: Path,
+    out_dir: Path,
+    data: TrainingData,
+    teacher_checkpoint: str | Path | None,
+) -> tuple[Config, bool]:
+    """The config a resumed run goes on with: its own (overrides given now that differ are said
+    to be ignored), read as the build that saved it trained. Also whether it was saved before
+    batch sizes were over all processes (and its optimizer left bare embedding tables undecayed)."""
+    run_cfg = config_from_dict(state["config"], str(state_path))
+    saved_without = set()
+    if "repeat_factor_threshold" not in state["config"].get("distill", {}):
+        saved_without.add("distill.repeat_factor_threshold")
+        if state["stage"] == "distill":
+            # Saved by a build before the key, whose stage B drew its labelled images by
+            # data.repeat_factor_threshold as stage A did: go on drawing them so.
+            run_cfg.distill.repeat_factor_threshold = run_cfg.data.repeat_factor_threshold
+    # Saved before model.drop_path_rate existed, by a build whose batch sizes were per process
+    # and whose optimizer left bare embedding tables undecayed: resume as it trained.
+    saved_before_global_batch = "drop_path_rate" not in state["config"].get("model", {})
+    if saved_before_global_batch:
+        saved_without.add("model.drop_path_rate")
+    if "pad_value" not in state["config"].get("data", {}):
+        saved_without.add("data.pad_value")  # its images were padded with black: 0 is kept
+    with _setup_warnings_from_first_rank():
+        _warn_config_ignored_on_resume(cfg, run_cfg, state_path, saved_without)
+        _check_resumed_run(state, state_path, out_dir, data, teacher_checkpoint)
+    if saved_before_global_batch:
+        saved_by = len(state["rng"]) if isinstance(state["rng"], list) else 1
+        run_cfg.data.batch_size *= saved_by
+        run_cfg.data.unlabelled_batch_size *= saved_by
+    return run_cfg, saved_before_global_batch
+
+
+def _checked_inputs(cfg: Config, data: TrainingData, is_distill: bool) -> CocoDataset:
+    """Refuse configs that cannot train and data that cannot be read, before any work; returns
+    the labelled images that have something to train on."""
+    distill_cfg = cfg.distill
+    if is_distill and distill_cfg.student_init == "pretrained" and (
+        distill_cfg.burn_in == "none" or distill_cfg.burnin_iters == 0
+    ):
+        given = "distill.burn_in=none" if distill_cfg.burn_in == "none" else "distill.burnin_iters=0"
+        raise GdistillError(
+            f"{given} hands the teacher over to the student at step 0: with "
+            "distill.student_init=pretrained the stage-A teacher would never be used; "
+            "set distill.student_init=teacher"
+        )
+    if is_distill and cfg.solver.ema_decay > 0:
+        raise GdistillError(
+            "config key 'solver.ema_decay' is for `gdistill train`; in distillation the teacher is "
+            "the moving average of the student (distill.ema_decay)"
+        )
+    with _setup_warnings_from_first_rank():
+        labelled = trainable_images(data.labelled)
+        _warn_more_objects_than_queries(labelled, cfg.model.num_queries)
+    check_image_files(labelled, data.images_dir)
+    if data.val is not None:
+        if not any(not a.iscrowd for img in data.val.images for a in img.annotations):
+            raise GdistillError(
+                f"{data.val.path}: no image has a non-crowd annotation, so there is no mask AP to "
+                "compute (an unlabelled file of `gdistill split`?); pass annotated validation images"
+            )
+        check_image_files(data.val, data.val_images_dir)
+    return labelled
+
+
+def _data_streams(
+    cfg: Config,
+    data: TrainingData,
+    labelled: CocoDataset,
+    is_distill: bool,
+    labelled_batch: int,
+    unlabelled_batch: int,
+    start_step: int,
+) -> tuple[Iterator[dict], Iterator[dict] | None, torch.utils.data.DataLoader | None]:
+    """This process's labelled stream, unlabelled stream (stage B) and validation loader (its
+    shard of the validation images). The streams are seeded and start where a run stopped at
+    ``start_step`` left off."""
+    rank, world = distributed.rank(), distributed.world_size()
+    dcfg = cfg.data
+    labelled_ds = LabelledDataset(
+        labelled,
+        data.images_dir,
+        LabelledAugment(dcfg.image_size, dcfg.scale_range, pad_value=dcfg.pad_value),
+        seed=cfg.seed,
+    )
+    # The authors sample labelled images uniformly in stage A, by repeat factors in stage B.
+    repeat_threshold = cfg.distill.repeat_factor_threshold if is_distill else dcfg.repeat_factor_threshold
+    if repeat_threshold > 0:
+        sampler = RepeatFactorSampler(
+            repeat_factors(labelled, repeat_threshold),
+            seed=cfg.seed,
+            rank=rank,
+            world_size=world,
+        )
+    else:
+        sampler = InfiniteSampler(len(labelled_ds), seed=cfg.seed, rank=rank, world_size=world)
+    labelled_iter = infinite_loader(
+        labelled_ds,
+        labelled_batch,
+        partial(collate_labelled, size_divisibility=cfg.model.size_divisibility, pad_value=dcfg.pad_value),
+        sampler,
+        dcfg.num_workers,
+        seed=cfg.seed,
+        start_batch=start_step,
+    )
+    unlabelled_iter = None
+    if is_distill:
+        if not data.unlabelled:
+            raise GdistillError("distillation needs unlabelled images (--unlabelled)")
+        unlabelled_ds = UnlabelledDataset(
+            data.unlabelled, UnlabelledAugment(dcfg.image_size, dcfg.scale_range, pad_value=dcfg.pad_value),
+            seed=cfg.seed + 1,
+        )
+        consumed = sum(
+            unsupervised_loss_active(s, cfg.distill.burn_in, cfg.distill.burnin_iters)
+            for s in range(start_step)
+        )
+        unlabelled_iter = infinite_loader(
+            unlabelled_ds,
+            unlabelled_batch,
+            partial(
+                collate_unlabelled, size_divisibility=cfg.model.size_divisibility, pad_value=dcfg.pad_value
+            ),
+            InfiniteSampler(len(unlabelled_ds), seed=cfg.seed + 1, rank=rank, world_size=world),
+            dcfg.num_workers,
+            seed=cfg.seed + 1,
+            start_batch=consumed,
+        )
+    val_loader = None
+    if data.val is not None:
+        val_set = EvalDataset(data.val, data.val_images_dir, dcfg.test_short_side, dcfg.test_max_side)
+        if world > 1:  # each rank evaluates a shard; results are gathered
+            val_set = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
+        val_loader = torch.utils.data.DataLoader(
+            val_set,
+            batch_size=dcfg.eval_batch_size,
+            shuffle=False,
+            collate_fn=partial(
+                collate_eval, size_divisibility=cfg.model.size_divisibility, pad_value=dcfg.pad_value
+            ),
+            generator=torch.Generator(),  # evaluation must not draw from the training RNG
+            num_workers=worker_count(min(dcfg.num_workers, 2)),
+            worker_init_fn=ignore_stop_signals,
+        )
+    return labelled_iter, unlabelled_iter, val_loader
 
 
 def train(
@@ -480,61 +630,16 @@ def _train(
     out_dir.mkdir(parents=True, exist_ok=True)
     if resumed is not None:
         state, state_path = resumed
-        run_cfg = config_from_dict(state["config"], str(state_path))
-        saved_without = set()
-        if "repeat_factor_threshold" not in state["config"].get("distill", {}):
-            saved_without.add("distill.repeat_factor_threshold")
-            if state["stage"] == "distill":
-                # Saved by a build before the key, whose stage B drew its labelled images by
-                # data.repeat_factor_threshold as stage A did: go on drawing them so.
-                run_cfg.distill.repeat_factor_threshold = run_cfg.data.repeat_factor_threshold
-        # Saved before model.drop_path_rate existed, by a build whose batch sizes were per process
-        # and whose optimizer left bare embedding tables undecayed: resume as it trained.
-        saved_before_global_batch = "drop_path_rate" not in state["config"].get("model", {})
-        if saved_before_global_batch:
-            saved_without.add("model.drop_path_rate")
-        if "pad_value" not in state["config"].get("data", {}):
-            saved_without.add("data.pad_value")  # its images were padded with black: 0 is kept
-        with _setup_warnings_from_first_rank():
-            _warn_config_ignored_on_resume(cfg, run_cfg, state_path, saved_without)
-            _check_resumed_run(state, state_path, out_dir, data, teacher_checkpoint)
-        if saved_before_global_batch:
-            saved_by = len(state["rng"]) if isinstance(state["rng"], list) else 1
-            run_cfg.data.batch_size *= saved_by
-            run_cfg.data.unlabelled_batch_size *= saved_by
-        cfg = run_cfg
+        cfg, saved_before_global_batch = _config_of_resumed_run(
+            cfg, state, state_path, out_dir, data, teacher_checkpoint
+        )
         stage = state["stage"]
     else:
         state = None
         stage = "distill" if teacher_checkpoint else "teacher"
         saved_before_global_batch = False
     is_distill = stage == "distill"
-    distill_cfg = cfg.distill
-    if is_distill and distill_cfg.student_init == "pretrained" and (
-        distill_cfg.burn_in == "none" or distill_cfg.burnin_iters == 0
-    ):
-        given = "distill.burn_in=none" if distill_cfg.burn_in == "none" else "distill.burnin_iters=0"
-        raise GdistillError(
-            f"{given} hands the teacher over to the student at step 0: with "
-            "distill.student_init=pretrained the stage-A teacher would never be used; "
-            "set distill.student_init=teacher"
-        )
-    if is_distill and cfg.solver.ema_decay > 0:
-        raise GdistillError(
-            "config key 'solver.ema_decay' is for `gdistill train`; in distillation the teacher is "
-            "the moving average of the student (distill.ema_decay)"
-        )
-    with _setup_warnings_from_first_rank():
-        labelled = trainable_images(data.labelled)
-        _warn_more_objects_than_queries(labelled, cfg.model.num_queries)
-    check_image_files(labelled, data.images_dir)
-    if data.val is not None:
-        if not any(not a.iscrowd for img in data.val.images for a in img.annotations):
-            raise GdistillError(
-                f"{data.val.path}: no image has a non-crowd annotation, so there is no mask AP to "
-                "compute (an unlabelled file of `gdistill split`?); pass annotated validation images"
-            )
-        check_image_files(data.val, data.val_images_dir)
+    labelled = _checked_inputs(cfg, data, is_distill)
 
     device = distributed.init_distributed(cfg.device) or resolve_device(cfg.device)
     rank, world = distributed.rank(), distributed.world_size()
@@ -689,72 +794,9 @@ def _train(
         )
 
     # ---- data: infinite seeded streams, positioned where an interrupted run left off
-    dcfg = cfg.data
-    labelled_ds = LabelledDataset(
-        labelled,
-        data.images_dir,
-        LabelledAugment(dcfg.image_size, dcfg.scale_range, pad_value=dcfg.pad_value),
-        seed=cfg.seed,
+    labelled_iter, unlabelled_iter, val_loader = _data_streams(
+        cfg, data, labelled, is_distill, labelled_batch, unlabelled_batch, start_step
     )
-    # The authors sample labelled images uniformly in stage A, by repeat factors in stage B.
-    repeat_threshold = cfg.distill.repeat_factor_threshold if is_distill else dcfg.repeat_factor_threshold
-    if repeat_threshold > 0:
-        sampler = RepeatFactorSampler(
-            repeat_factors(labelled, repeat_threshold),
-            seed=cfg.seed,
-            rank=rank,
-            world_size=world,
-        )
-    else:
-        sampler = InfiniteSampler(len(labelled_ds), seed=cfg.seed, rank=rank, world_size=world)
-    labelled_iter = infinite_loader(
-        labelled_ds,
-        labelled_batch,
-        partial(collate_labelled, size_divisibility=cfg.model.size_divisibility, pad_value=dcfg.pad_value),
-        sampler,
-        dcfg.num_workers,
-        seed=cfg.seed,
-        start_batch=start_step,
-    )
-    unlabelled_iter = None
-    if is_distill:
-        if not data.unlabelled:
-            raise GdistillError("distillation needs unlabelled images (--unlabelled)")
-        unlabelled_ds = UnlabelledDataset(
-            data.unlabelled, UnlabelledAugment(dcfg.image_size, dcfg.scale_range, pad_value=dcfg.pad_value),
-            seed=cfg.seed + 1,
-        )
-        consumed = sum(
-            unsupervised_loss_active(s, cfg.distill.burn_in, cfg.distill.burnin_iters)
-            for s in range(start_step)
-        )
-        unlabelled_iter = infinite_loader(
-            unlabelled_ds,
-            unlabelled_batch,
-            partial(
-                collate_unlabelled, size_divisibility=cfg.model.size_divisibility, pad_value=dcfg.pad_value
-            ),
-            InfiniteSampler(len(unlabelled_ds), seed=cfg.seed + 1, rank=rank, world_size=world),
-            dcfg.num_workers,
-            seed=cfg.seed + 1,
-            start_batch=consumed,
-        )
-    val_loader = None
-    if data.val is not None:
-        val_set = EvalDataset(data.val, data.val_images_dir, dcfg.test_short_side, dcfg.test_max_side)
-        if world > 1:  # each rank evaluates a shard; results are gathered
-            val_set = torch.utils.data.Subset(val_set, range(rank, len(val_set), world))
-        val_loader = torch.utils.data.DataLoader(
-            val_set,
-            batch_size=dcfg.eval_batch_size,
-            shuffle=False,
-            collate_fn=partial(
-                collate_eval, size_divisibility=cfg.model.size_divisibility, pad_value=dcfg.pad_value
-            ),
-            generator=torch.Generator(),  # evaluation must not draw from the training RNG
-            num_workers=worker_count(min(dcfg.num_workers, 2)),
-            worker_init_fn=ignore_stop_signals,
-        )
 
     tensorboard = None
     if main_process:
@@ -819,8 +861,8 @@ def _train(
                 data.val_images_dir,
                 out_dir / "pictures" / f"val_{step:07d}.png",
                 device,
-                dcfg.test_short_side,
-                dcfg.test_max_side,
+                cfg.data.test_short_side,
+                cfg.data.test_max_side,
             )
         return row
 
