@@ -169,6 +169,17 @@ def test_eval_malformed_results(capsys, synth, tmp_path):
     )
 
 
+def test_eval_of_a_file_without_images_names_it(capsys, synth, tmp_path, teacher):
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"images": [], "annotations": [], "categories": json.loads(
+        synth[1].read_text())["categories"]}))
+    results = tmp_path / "results.json"
+    results.write_text("[]")
+    for source in (["--predictions", results], ["--weights", teacher, "--images", synth[2]]):
+        fails(capsys, ["eval", "--annotations", empty, *source],
+              f"{empty}: lists no images, so there is nothing to evaluate")
+
+
 @pytest.mark.parametrize("key", ["image_id", "category_id"])
 def test_eval_result_with_unknown_id(capsys, synth, tmp_path, key):
     val = json.loads(synth[1].read_text())
@@ -679,6 +690,10 @@ def test_train_into_a_run_folder_needs_resume_or_overwrite(capsys, synth, teache
     earlier = tmp_path / "run"
     (earlier / "pictures").mkdir(parents=True)
     (earlier / "metrics.csv").write_text("step,loss\n1,99\n")
+    # stopped before its first checkpoint: --resume cannot help, so it is not offered
+    fails(capsys, _train_argv(train_json, images, earlier), earlier,
+          "holds a run that stopped before its first checkpoint (metrics.csv, no last.pt to resume "
+          "from); pass --overwrite to start afresh there, or another --out")
     for stale in ("best.pt", "last.prev.pt", "pictures/val_000099.png"):
         (earlier / stale).write_text("from the earlier run")
     (earlier / "notes.txt").write_text("the user's")

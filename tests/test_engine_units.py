@@ -99,6 +99,23 @@ def test_a_full_disk_while_saving_leaves_no_partial_file_and_says_why(tmp_path, 
     assert load_checkpoint(tmp_path / "best.pt")["step"] == 1  # the old file is intact
 
 
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_a_second_stop_signal_while_saving_is_an_interrupt_not_a_disk_error(tmp_path, monkeypatch,
+                                                                           interrupt):
+    def save_interrupted(obj, f):
+        f.write(b"x" * 1000)
+        try:
+            raise interrupt()  # the stop handler, at the second signal
+        except BaseException:
+            # what torch's zip writer raises while the interrupt unwinds through it
+            raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos") from None
+
+    monkeypatch.setattr(torch, "save", save_interrupted)
+    with pytest.raises(interrupt):
+        save_checkpoint({"step": 2}, tmp_path / "last.pt")
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 def test_truncated_checkpoint_is_detected_and_previous_used(tmp_path):
     rotate_and_save({"step": 1}, tmp_path)
     rotate_and_save({"step": 2}, tmp_path)

@@ -204,7 +204,7 @@ def test_resuming_a_finished_run_says_so_and_trains_nothing(tiny_data, stage_a, 
     assert (run / "last.pt").stat().st_mtime_ns == before
 
 
-def test_resuming_with_another_number_of_processes_is_refused(tiny_data, stage_a, tmp_path):
+def test_resuming_with_another_number_of_processes_is_refused(tiny_data, stage_a, tmp_path, monkeypatch):
     payload = load_checkpoint(stage_a / "last.pt")
     payload.update(step=2, rng=[payload["rng"], payload["rng"]])  # as saved by 2 torchrun ranks
     run = tmp_path / "run"
@@ -212,6 +212,12 @@ def test_resuming_with_another_number_of_processes_is_refused(tiny_data, stage_a
     save_checkpoint(payload, run / "last.pt")
     with pytest.raises(GdistillError, match=r"last.pt: saved by 2 processes, resumed with 1; "
                        r"resume with as many \(torchrun --nproc_per_node 2\)"):
+        train(load_config("demo", TINY), run, tiny_data, resume=True, progress=False)
+    # with 3 processes, whose share of the saved batch of 2 would not divide: the same advice
+    from gdistill.engine import distributed
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    with pytest.raises(GdistillError, match=r"last.pt: saved by 2 processes, resumed with 3; "):
         train(load_config("demo", TINY), run, tiny_data, resume=True, progress=False)
 
 

@@ -435,6 +435,11 @@ def _check_fresh_run_folder(args: argparse.Namespace) -> None:
     if args.resume or args.overwrite:
         return
     found = [name for name in ("last.pt", "best.pt", "metrics.csv") if (args.out / name).exists()]
+    if found and not any((args.out / name).exists() for name in ("last.pt", "last.prev.pt")):
+        raise GdistillError(
+            f"{args.out}: holds a run that stopped before its first checkpoint ({found[0]}, no "
+            "last.pt to resume from); pass --overwrite to start afresh there, or another --out"
+        )
     if found:
         raise GdistillError(
             f"{args.out}: holds a run ({found[0]}); pass --resume to continue it, --overwrite to "
@@ -492,6 +497,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     _set_threads(args.threads)
     dataset = _load_annotations(args.annotations, args.skip_invalid_annotations)
+    if not dataset.images:
+        raise GdistillError(f"{args.annotations}: lists no images, so there is nothing to evaluate")
     if args.predictions:
         ground_truth = dataset.raw if dataset.dropped or dataset.repaired else args.annotations
         metrics = evaluate_results_file(ground_truth, args.predictions, per_class=True)

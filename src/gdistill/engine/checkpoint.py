@@ -39,6 +39,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _interrupt_behind(exc: BaseException) -> BaseException | None:
+    """The Ctrl-C or SystemExit (a second stop signal) that ``exc`` was raised while handling."""
+    seen = set()
+    cause = exc.__context__
+    while cause is not None and id(cause) not in seen:
+        if not isinstance(cause, Exception):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__context__
+    return None
+
+
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``: a crash
     leaves either the old file or the new one, never a half-written file."""
@@ -56,6 +68,9 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
         tmp.unlink(missing_ok=True)
         if not isinstance(exc, Exception):  # Ctrl-C, SystemExit
             raise
+        interrupt = _interrupt_behind(exc)
+        if interrupt is not None:  # torch's zip writer turns an interrupt into a RuntimeError
+            raise interrupt from None
         # A full disk surfaces as an OSError, or as torch's zip writer's RuntimeError raised
         # while it handles that OSError.
         system = exc if isinstance(exc, OSError) else exc.__context__

@@ -46,8 +46,8 @@ def init_distributed(device_name: str) -> torch.device:
 
 
 def wrap_ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """``module`` in DistributedDataParallel, buffers not synchronised at each forward (every
-    rank keeps its own BatchNorm statistics, as detectron2 does)."""
+    """``module`` in DistributedDataParallel, buffers not synchronised at each forward (as
+    detectron2); the trainer broadcasts rank 0's after each step (:func:`broadcast_buffers`)."""
     # Recent torch (2.14 here) names it forward_sync_buffers and warns on broadcast_buffers.
     params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
     sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
@@ -79,7 +79,32 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
-def weights_fingerprint(model: torch.nn.Module) -> list[float]:
-    """A cheap per-tensor summary of a model's parameters, to check that ranks agree."""
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm statistics) on every rank, in one broadcast per dtype.
+
+    DDP keeps the parameters identical but, with buffer sync off, each rank's BatchNorm running
+    statistics follow its own batches: the evaluated shards, the EMA teacher and the saved
+    checkpoint (rank 0's) would then be different models."""
+    if world_size() == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for buffer in module.buffers():
+        by_dtype.setdefault(buffer.dtype, []).append(buffer)
     with torch.no_grad():
-        return [float(p.double().sum()) for p in model.parameters()]
+        for buffers in by_dtype.values():
+            flat = torch.cat([b.reshape(-1) for b in buffers])
+            dist.broadcast(flat, src=0)
+            offset = 0
+            for b in buffers:
+                b.copy_(flat[offset : offset + b.numel()].view_as(b))
+                offset += b.numel()
+
+
+def weights_fingerprint(*modules: torch.nn.Module) -> list[float]:
+    """A cheap per-tensor summary of modules' parameters and buffers, to check that ranks agree."""
+    with torch.no_grad():
+        return [
+            float(t.double().sum())
+            for m in modules
+            for t in (*m.parameters(), *m.buffers())
+        ]

@@ -645,6 +645,14 @@ def _train(
     rank, world = distributed.rank(), distributed.world_size()
     main_process = rank == 0
     progress = progress and main_process
+    if state is not None:
+        # One RNG state per rank; the data streams are sharded by rank as well.
+        saved_by = len(state["rng"]) if isinstance(state["rng"], list) else 1
+        if saved_by != world:
+            raise GdistillError(
+                f"{state_path}: saved by {saved_by} process{'es' if saved_by > 1 else ''}, "
+                f"resumed with {world}; resume with as many (torchrun --nproc_per_node {saved_by})"
+            )
     # The batch sizes are over all processes (detectron2's IMS_PER_BATCH): the presets' 16 + 16
     # stay the paper's on any number of GPUs.
     labelled_batch = per_process_batch(cfg.data.batch_size, world, "data.batch_size")
@@ -755,13 +763,6 @@ def _train(
         best_ap = state["best_ap"]
         last_eval = state.get("last_eval", {})
         rng = state["rng"]
-        # One state per rank; the data stream is sharded by rank as well.
-        saved_by = len(rng) if isinstance(rng, list) else 1
-        if saved_by != world:
-            raise GdistillError(
-                f"{state_path}: saved by {saved_by} process{'es' if saved_by > 1 else ''}, "
-                f"resumed with {world}; resume with as many (torchrun --nproc_per_node {saved_by})"
-            )
         set_rng_state(rng[rank] if isinstance(rng, list) else rng)
         if start_step >= cfg.solver.max_iters and main_process:
             print(
@@ -1052,6 +1053,9 @@ def _train(
             for k, v in values.items():
                 window[k] = window.get(k, 0.0) + v
             window_steps += 1
+        if world > 1:
+            # Every rank trains, evaluates, averages into the teacher and saves the same model.
+            distributed.broadcast_buffers(student)
         done = step + 1
         if window_steps and (done % cfg.log_period == 0 or done == max_iters):
             elapsed = time.perf_counter() - t_window
@@ -1138,15 +1142,17 @@ def _train(
         save_checkpoint(checkpoint_payload(max_iters, with_optimizer=False), out_dir / "best.pt")
     result = {"best_AP": best_ap, **last_eval}
     if world > 1:
-        # DDP keeps the student replicas identical; check it, and say so in the run folder.
-        prints = distributed.all_gather_objects(distributed.weights_fingerprint(student))
+        # DDP and the buffer broadcast keep the replicas identical; check it (student, teacher and
+        # moving average, parameters and buffers), and say so in the run folder.
+        models = [m for m in (student, teacher, ema_model) if m is not None]
+        prints = distributed.all_gather_objects(distributed.weights_fingerprint(*models))
         in_sync = all(p == prints[0] for p in prints)
         if main_process:
             (out_dir / "ranks.json").write_text(
                 json.dumps({"world_size": world, "in_sync": in_sync, "fingerprints": prints}) + "\n"
             )
         if not in_sync:
-            raise GdistillError(f"{out_dir}: the student replicas of the {world} processes diverged")
+            raise GdistillError(f"{out_dir}: the models of the {world} processes diverged")
         distributed.barrier()
     return result
 
