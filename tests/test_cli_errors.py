@@ -143,6 +143,18 @@ def test_split_fraction_giving_no_images(capsys, synth, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+def test_split_over_another_split_needs_overwrite(capsys, synth, tmp_path):
+    argv = ["split", "--annotations", synth[0], "--fraction", "0.5", "--out", tmp_path]
+    assert main([str(a) for a in [*argv, "--seed", "0"]]) == 0
+    first = (tmp_path / "labelled.json").read_text()
+    assert main([str(a) for a in [*argv, "--seed", "0"]]) == 0  # the same split again: harmless
+    fails(capsys, [*argv, "--seed", "1"], tmp_path / "labelled.json",
+          "holds another split; pass --overwrite to replace it")
+    assert (tmp_path / "labelled.json").read_text() == first
+    assert main([str(a) for a in [*argv, "--seed", "1", "--overwrite"]]) == 0
+    assert (tmp_path / "labelled.json").read_text() != first
+
+
 def test_split_count_larger_than_images(capsys, synth, tmp_path):
     train_json = synth[0]
     fails(
@@ -804,6 +816,15 @@ def test_system_refusal_mid_command_is_one_line(capsys, tmp_path, monkeypatch):
 
     monkeypatch.setitem(gdistill.cli.COMMANDS, "synth", full_disk)
     fails(capsys, ["synth", "--out", tmp_path / "d"], "last.pt.tmp: No space left on device")
+
+    def full_disk_in_a_picture(args):
+        args.out.mkdir()
+        raise OSError(28, "No space left on device")  # matplotlib / PIL write through a file object
+
+    monkeypatch.setitem(gdistill.cli.COMMANDS, "synth", full_disk_in_a_picture)
+    err = fails(capsys, ["synth", "--out", tmp_path / "e"],
+                f"error: {tmp_path / 'e'}: No space left on device while writing the outputs there; ")
+    assert err.rstrip().endswith("MiB free there")
 
 
 def test_distill_names_the_model_keys_it_ignores(capsys, synth, teacher, tmp_path):

@@ -568,6 +568,15 @@ def test_resuming_on_other_data_or_with_another_teacher_is_said(tiny_data, stage
               teacher_checkpoint=tmp_path / "elsewhere.pt")
     messages = [str(w.message) for w in caught]
     assert not [m for m in messages if "other data" in m]  # the run's own data
+    # the same file, as many images, but other ones (a split written again over it)
+    images = tiny_data.labelled.images
+    rewritten = replace(tiny_data.labelled, images=[replace(images[0], id=images[1].id),
+                                                    replace(images[1], id=images[0].id), *images[2:]])
+    payload["step"] = 3
+    save_checkpoint(payload, run / "last.pt")
+    with pytest.warns(UserWarning, match=r"resumed on other data than the run started with: labelled "
+                      r"images other than those of the run in .*train.json; it goes on"):
+        train(cfg, run, replace(tiny_data, labelled=rewritten), resume=True, progress=False)
     assert [m for m in messages if m.startswith(f"--teacher {tmp_path / 'elsewhere.pt'} is ignored "
                                                 "on resume: the run goes on with its own teacher")]
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -104,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="unlabelled pool without the labelled images (default: all images)",
     )
     p.add_argument("--out", required=True, type=Path, help="folder for labelled.json and unlabelled.json")
+    p.add_argument("--overwrite", action="store_true", help="replace another split in --out")
 
     p = sub.add_parser("convert-cityscapes", help="Cityscapes fine instance labels to COCO JSON")
     p.add_argument("--root", required=True, type=Path, help="folder holding gtFine/ and leftImg8bit/")
@@ -250,11 +253,29 @@ def cmd_split(args: argparse.Namespace) -> None:
         seed=args.seed,
         exclude_labelled=args.exclude_labelled,
     )
+    _check_split_not_replaced(args, labelled)
     lab_path, unl_path = write_split(labelled, unlabelled, args.out)
     print(
         f"{len(labelled['images'])} labelled images → {lab_path}; "
         f"{len(unlabelled['images'])} unlabelled images → {unl_path}"
     )
+
+
+def _check_split_not_replaced(args: argparse.Namespace, labelled: dict) -> None:
+    """Another split written over an earlier one would change, unnoticed, the labelled images of
+    every run started from it (their --resume included): that takes --overwrite."""
+    existing = args.out / "labelled.json"
+    if args.overwrite or not existing.is_file():
+        return
+    try:
+        earlier = {img["file_name"] for img in json.loads(existing.read_text())["images"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        earlier = None
+    if earlier != {img["file_name"] for img in labelled["images"]}:
+        raise GdistillError(
+            f"{existing}: holds another split; pass --overwrite to replace it (runs trained on it "
+            "would go on with other labelled images), or another --out"
+        )
 
 
 def cmd_convert_cityscapes(args: argparse.Namespace) -> None:
@@ -695,10 +716,30 @@ def _run(argv: list[str] | None) -> int:
         # The system refused: permissions, a full disk, a read-only or vanished folder.
         if exc.errno is None:
             raise
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"error: {_os_error_line(exc, args)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _os_error_line(exc: OSError, args: argparse.Namespace) -> str:
+    """One line for a refusal of the system. A file written through a library (a picture, a
+    CSV) gives no name: a full disk then names the output folder, with the space left there."""
+    reason = exc.strerror or str(exc)
+    if exc.filename:
+        return f"{exc.filename}: {reason}"
+    if exc.errno != errno.ENOSPC:
+        return reason
+    folder = getattr(args, "out", None) or getattr(args, "run", None)
+    if folder is None:
+        return reason
+    folder = Path(folder)
+    if folder.suffix and not folder.is_dir():  # eval's --out is a file
+        folder = folder.parent
+    try:
+        free = f"; {shutil.disk_usage(folder).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = ""
+    return f"{folder}: {reason} while writing the outputs there{free}"
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import hashlib
 import json
 import math
 import random
@@ -392,6 +393,13 @@ def _sum_losses(losses: dict[str, torch.Tensor]) -> torch.Tensor:
     return sum(losses.values())
 
 
+def images_digest(dataset: CocoDataset) -> str:
+    """A short hash of a dataset's image ids and file names: the same file with other images (a
+    split written again) gives another."""
+    listing = "\n".join(sorted(f"{img.id}\t{img.file_name}" for img in dataset.images))
+    return hashlib.sha1(listing.encode()).hexdigest()[:16]
+
+
 def _check_resumed_run(
     state: dict, state_path: Path, out_dir: Path, data: TrainingData, teacher_checkpoint: Path | None
 ) -> None:
@@ -417,6 +425,10 @@ def _check_resumed_run(
         "unlabelled": (info.get("unlabelled"), info.get("unlabelled_images")),
     }
     changed = []
+    digest = info.get("labelled_digest")
+    if digest is not None and digest != images_digest(data.labelled):
+        changed.append(f"labelled images other than those of the run in {given['labelled'][0]}")
+        given.pop("labelled")
     for key, (path, count) in given.items():
         old_path, old_count = recorded[key]
         if (key == "val" and path is None) or (key == "unlabelled" and state.get("stage") != "distill"):
@@ -783,6 +795,7 @@ def _train(
                 "labelled": str(Path(data.labelled.path).resolve()),
                 "images": str(Path(data.images_dir).resolve()),
                 "labelled_images": len(data.labelled.images),
+                "labelled_digest": images_digest(data.labelled),
                 "labelled_images_trained": len(labelled.images),
                 "unlabelled_images": len(data.unlabelled or []),
                 "unlabelled": _resolved(data.unlabelled_source),
