@@ -360,6 +360,30 @@ def test_signal_saves_a_checkpoint_and_resume_equals_uninterrupted(
     _assert_same_state(resumed["teacher"], full["teacher"], "teacher")
 
 
+def test_a_signal_at_an_evaluation_step_saves_first_and_evaluates_on_resume(tiny_data, tmp_path,
+                                                                            monkeypatch):
+    """A scheduler's grace period may be shorter than an evaluation: the stop does not wait for
+    it, and the resumed run evaluates that step before going on, as the uninterrupted run did."""
+    cfg = [*TINY, "solver.max_iters=6", "eval_period=3", "checkpoint_period=0"]
+    train(load_config("demo", cfg), tmp_path / "full", tiny_data, progress=False)
+    real = trainer.build_criterion
+    # stage A: one criterion call per iteration, so the third is in iteration 3
+    monkeypatch.setattr(trainer, "build_criterion",
+                        lambda c, n: SignalOnCall(real(c, n), signal.SIGTERM, 3))
+    run = tmp_path / "run"
+    with pytest.raises(TrainingStopped, match="stopped after iteration 3 of 6"):
+        train(load_config("demo", cfg), run, tiny_data, progress=False)
+    assert load_checkpoint(run / "last.pt")["step"] == 3
+    assert not (run / "eval.csv").exists() or not _rows(run / "eval.csv")  # not evaluated yet
+    monkeypatch.setattr(trainer, "build_criterion", real)
+    train(load_config("demo", cfg), run, tiny_data, resume=True, progress=False)
+    assert _rows(run / "eval.csv") == _rows(tmp_path / "full" / "eval.csv")
+    assert [r["step"] for r in _rows(run / "eval.csv")] == ["3", "6"]
+    full, resumed = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(run / "last.pt")
+    _assert_same_state(resumed["model"], full["model"], "model")
+    assert resumed["best_ap"] == full["best_ap"]
+
+
 def test_ctrl_c_on_the_command_line_stops_with_a_checkpoint(synth, tmp_path):
     out = tmp_path / "run"
     cmd = _cli("train", "--labelled", synth / "train.json", "--images", synth / "images",

@@ -938,12 +938,44 @@ def _train(
         disable=not progress,
         desc="distill" if is_distill else "train",
     )
+
+    def eval_due(done: int) -> bool:
+        return (cfg.eval_period > 0 and done % cfg.eval_period == 0) or done == max_iters
+
+    def evaluate_and_keep_best(done: int) -> None:
+        nonlocal last_eval, best_ap
+        try:
+            last_eval = evaluate(done)
+        except NonFiniteOutputsError as err:  # diverged weights: nothing to resume from
+            raise GdistillError(f"{err} (evaluation at iteration {done})") from err
+        except Exception as err:
+            # Bad validation data shows up here, eval_period iterations in: keep them.
+            save_then_raise(err, done, f"evaluation at iteration {done} failed")
+        if progress and val_loader is not None:
+            # Before the line is written: the bar drawn under it shows this evaluation.
+            bar.set_postfix(progress_postfix(postfix, last_eval, dist.score_threshold), refresh=False)
+            who = "teacher" if teacher is not None else "student"
+            bar.write(evaluation_line(done, max_iters, last_eval, who, dist.score_threshold),
+                      file=sys.stderr)
+        ap = last_eval.get("student_AP")
+        ap = -1.0 if ap is None else ap
+        if val_loader is not None and ap > best_ap:
+            best_ap = ap
+            if main_process:
+                save_checkpoint(checkpoint_payload(done, with_optimizer=False), out_dir / "best.pt")
+
     window: dict[str, float] = {}
     window_steps = 0
-    postfix: dict[str, str] = {}  # the progress bar's latest training numbers
     nonfinite_in_a_row = 0
     skipped_steps = 0
     t_window = time.perf_counter()
+    postfix: dict[str, str] = {}  # the progress bar's latest training numbers
+    if 0 < start_step < max_iters and eval_due(start_step) and val_loader is not None and (
+        last_eval.get("step") != start_step
+    ):
+        # A run stopped by a signal at an evaluation step saved before evaluating (a scheduler's
+        # grace period may be shorter than an evaluation): the evaluation comes first now.
+        evaluate_and_keep_best(start_step)
     stop.armed = True
     for step in range(start_step, max_iters):
         with_unlabelled = unlabelled_iter is not None and unsupervised_loss_active(
@@ -1105,27 +1137,8 @@ def _train(
         bar.update(1)
 
         # ---- evaluation, checkpoints
-        if (cfg.eval_period > 0 and done % cfg.eval_period == 0) or done == max_iters:
-            try:
-                last_eval = evaluate(done)
-            except NonFiniteOutputsError as err:  # diverged weights: nothing to resume from
-                raise GdistillError(f"{err} (evaluation at iteration {done})") from err
-            except Exception as err:
-                # Bad validation data shows up here, eval_period iterations in: keep them.
-                save_then_raise(err, done, f"evaluation at iteration {done} failed")
-            if progress and val_loader is not None:
-                # Before the line is written: the bar drawn under it shows this evaluation.
-                bar.set_postfix(progress_postfix(postfix, last_eval, dist.score_threshold),
-                                refresh=False)
-                who = "teacher" if teacher is not None else "student"
-                bar.write(evaluation_line(done, max_iters, last_eval, who, dist.score_threshold),
-                          file=sys.stderr)
-            ap = last_eval.get("student_AP")
-            ap = -1.0 if ap is None else ap
-            if val_loader is not None and ap > best_ap:
-                best_ap = ap
-                if main_process:
-                    save_checkpoint(checkpoint_payload(done, with_optimizer=False), out_dir / "best.pt")
+        if eval_due(done) and not (stop_after_step and done < max_iters):
+            evaluate_and_keep_best(done)
         periodic = (cfg.checkpoint_period > 0 and done % cfg.checkpoint_period == 0) or done == max_iters
         if periodic or stop_after_step:
             payload = checkpoint_payload(done, with_optimizer=True)  # collective: every rank
