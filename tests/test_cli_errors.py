@@ -1,6 +1,7 @@
 """Bad input through the command line: exit status 2 and ONE stderr line naming file and problem."""
 
 import json
+import signal
 import warnings
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from tiny_config import TINY as TINY_BASE
 
 from gdistill.cli import main
 from gdistill.data.synthetic import generate_synthetic
+from gdistill.errors import TrainingStopped
 
 TINY = [*TINY_BASE, "solver.max_iters=1", "eval_period=0", "checkpoint_period=0"]
 # The first (only) iteration reads all 4 training images.
@@ -691,6 +693,28 @@ def test_final_line_is_printed_by_the_first_process_only(capsys, monkeypatch):
     monkeypatch.setattr(distributed, "rank", lambda: 1)
     cli._print_final({"student_AP": 1.0, "best_AP": 2.0}, Path("run"))
     assert capsys.readouterr().out == ""
+
+
+def test_under_torchrun_errors_name_their_process_and_a_stop_is_said_once(capsys, tmp_path,
+                                                                          monkeypatch):
+    import gdistill.cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["eval", "--annotations", str(tmp_path / "missing.json"), "--predictions",
+                 str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("process 1: error: ") and err.count("\n") == 1
+
+    def stopped(args):
+        raise TrainingStopped("SIGTERM: stopped after iteration 3 of 9; ...", signal.SIGTERM)
+
+    monkeypatch.setitem(gdistill.cli.COMMANDS, "synth", stopped)
+    assert main(["synth", "--out", str(tmp_path / "d")]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == ""  # the first process says it
+    monkeypatch.setenv("RANK", "0")
+    assert main(["synth", "--out", str(tmp_path / "d")]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == "SIGTERM: stopped after iteration 3 of 9; ...\n"
 
 
 def test_train_into_a_run_folder_needs_resume_or_overwrite(capsys, synth, teacher, tmp_path):

@@ -697,28 +697,41 @@ def _run(argv: list[str] | None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # as the shell reports a process ended by SIGPIPE
     except GdistillError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        _say(f"error: {one_line(exc)}")
         return 2
     except TrainingStopped as exc:
-        print(exc, file=sys.stderr)
+        if _process_rank() == 0:  # every process stopped at the same iteration: said once
+            _say(str(exc))
         return 128 + exc.signum
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _say("interrupted")
         return 130
     except (RuntimeError, MemoryError) as exc:
         if not is_out_of_memory(exc):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"error: out of memory ({first}){OUT_OF_MEMORY_ADVICE.get(args.command, '')}",
-              file=sys.stderr)
+        _say(f"error: out of memory ({first}){OUT_OF_MEMORY_ADVICE.get(args.command, '')}")
         return 2
     except OSError as exc:
         # The system refused: permissions, a full disk, a read-only or vanished folder.
         if exc.errno is None:
             raise
-        print(f"error: {_os_error_line(exc, args)}", file=sys.stderr)
+        _say(f"error: {_os_error_line(exc, args)}")
         return 2
     return 0
+
+
+def _process_rank() -> int:
+    """This process's rank in a torchrun job (0 outside one)."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
+def _say(line: str) -> None:
+    """One line on stderr, in one write (the processes of a torchrun job share the terminal),
+    naming the process when it is not the first."""
+    rank = _process_rank()
+    sys.stderr.write(f"{f'process {rank}: ' if rank else ''}{line}\n")
+    sys.stderr.flush()
 
 
 def _os_error_line(exc: OSError, args: argparse.Namespace) -> str:
