@@ -384,6 +384,24 @@ def test_a_signal_at_an_evaluation_step_saves_first_and_evaluates_on_resume(tiny
     assert resumed["best_ap"] == full["best_ap"]
 
 
+def test_a_resumed_run_logs_the_same_rows_with_a_log_window_open_at_the_stop(tiny_data, tmp_path,
+                                                                             monkeypatch):
+    cfg = [*TINY, "solver.max_iters=4", "eval_period=0", "checkpoint_period=0", "log_period=2"]
+    train(load_config("demo", cfg), tmp_path / "full", tiny_data, progress=False)
+    real = trainer.build_criterion
+    monkeypatch.setattr(trainer, "build_criterion",
+                        lambda c, n: SignalOnCall(real(c, n), signal.SIGTERM, 3))
+    run = tmp_path / "run"
+    with pytest.raises(TrainingStopped, match="stopped after iteration 3 of 4"):
+        train(load_config("demo", cfg), run, tiny_data, progress=False)
+    monkeypatch.setattr(trainer, "build_criterion", real)
+    train(load_config("demo", cfg), run, tiny_data, resume=True, progress=False)
+    # the row of iteration 4 averages iterations 3 (before the stop) and 4 (after it)
+    full = _without_timing(_rows(tmp_path / "full" / "metrics.csv"))
+    assert [r["step"] for r in full] == ["2", "4"]
+    assert _without_timing(_rows(run / "metrics.csv")) == full
+
+
 def test_ctrl_c_on_the_command_line_stops_with_a_checkpoint(synth, tmp_path):
     out = tmp_path / "run"
     cmd = _cli("train", "--labelled", synth / "train.json", "--images", synth / "images",

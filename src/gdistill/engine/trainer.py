@@ -896,6 +896,10 @@ def _train(
             "step": step,
             "best_ap": best_ap,
             "last_eval": last_eval,
+            # the open log window, so that a resumed run's next metrics.csv row averages the
+            # same iterations as an uninterrupted run's
+            "log_window": {"sums": dict(window), "steps": window_steps,
+                           "seconds": time.perf_counter() - t_window},
         }
         if with_optimizer:
             rng_states = distributed.all_gather_objects(rng_state())
@@ -964,11 +968,12 @@ def _train(
             if main_process:
                 save_checkpoint(checkpoint_payload(done, with_optimizer=False), out_dir / "best.pt")
 
-    window: dict[str, float] = {}
-    window_steps = 0
+    log_window = (state or {}).get("log_window") or {}
+    window: dict[str, float] = dict(log_window.get("sums", {}))
+    window_steps = log_window.get("steps", 0)
     nonfinite_in_a_row = 0
     skipped_steps = 0
-    t_window = time.perf_counter()
+    t_window = time.perf_counter() - log_window.get("seconds", 0.0)
     postfix: dict[str, str] = {}  # the progress bar's latest training numbers
     if 0 < start_step < max_iters and eval_due(start_step) and val_loader is not None and (
         last_eval.get("step") != start_step
