@@ -360,26 +360,38 @@ def test_signal_saves_a_checkpoint_and_resume_equals_uninterrupted(
     _assert_same_state(resumed["teacher"], full["teacher"], "teacher")
 
 
-def test_a_signal_at_an_evaluation_step_saves_first_and_evaluates_on_resume(tiny_data, tmp_path,
-                                                                            monkeypatch):
-    """A scheduler's grace period may be shorter than an evaluation: the stop does not wait for
-    it, and the resumed run evaluates that step before going on, as the uninterrupted run did."""
-    cfg = [*TINY, "solver.max_iters=6", "eval_period=3", "checkpoint_period=0"]
+def _uninterrupted_and_stopped_in_iteration_3(cfg, tiny_data, tmp_path, monkeypatch, stopped_run):
+    """A stage-A run trained uninterrupted, and again stopped by a SIGTERM in iteration 3 and
+    resumed; ``stopped_run(run)`` looks at it before the resume. Returns both run folders."""
     train(load_config("demo", cfg), tmp_path / "full", tiny_data, progress=False)
     real = trainer.build_criterion
     # stage A: one criterion call per iteration, so the third is in iteration 3
     monkeypatch.setattr(trainer, "build_criterion",
                         lambda c, n: SignalOnCall(real(c, n), signal.SIGTERM, 3))
     run = tmp_path / "run"
-    with pytest.raises(TrainingStopped, match="stopped after iteration 3 of 6"):
+    with pytest.raises(TrainingStopped, match="stopped after iteration 3 of "):
         train(load_config("demo", cfg), run, tiny_data, progress=False)
-    assert load_checkpoint(run / "last.pt")["step"] == 3
-    assert not (run / "eval.csv").exists() or not _rows(run / "eval.csv")  # not evaluated yet
+    stopped_run(run)
     monkeypatch.setattr(trainer, "build_criterion", real)
     train(load_config("demo", cfg), run, tiny_data, resume=True, progress=False)
-    assert _rows(run / "eval.csv") == _rows(tmp_path / "full" / "eval.csv")
+    return tmp_path / "full", run
+
+
+def test_a_signal_at_an_evaluation_step_saves_first_and_evaluates_on_resume(tiny_data, tmp_path,
+                                                                            monkeypatch):
+    """A scheduler's grace period may be shorter than an evaluation: the stop does not wait for
+    it, and the resumed run evaluates that step before going on, as the uninterrupted run did."""
+
+    def saved_unevaluated(run):
+        assert load_checkpoint(run / "last.pt")["step"] == 3
+        assert not (run / "eval.csv").exists() or not _rows(run / "eval.csv")
+
+    cfg = [*TINY, "solver.max_iters=6", "eval_period=3", "checkpoint_period=0"]
+    full, run = _uninterrupted_and_stopped_in_iteration_3(cfg, tiny_data, tmp_path, monkeypatch,
+                                                          saved_unevaluated)
+    assert _rows(run / "eval.csv") == _rows(full / "eval.csv")
     assert [r["step"] for r in _rows(run / "eval.csv")] == ["3", "6"]
-    full, resumed = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(run / "last.pt")
+    full, resumed = load_checkpoint(full / "last.pt"), load_checkpoint(run / "last.pt")
     _assert_same_state(resumed["model"], full["model"], "model")
     assert resumed["best_ap"] == full["best_ap"]
 
@@ -387,19 +399,12 @@ def test_a_signal_at_an_evaluation_step_saves_first_and_evaluates_on_resume(tiny
 def test_a_resumed_run_logs_the_same_rows_with_a_log_window_open_at_the_stop(tiny_data, tmp_path,
                                                                              monkeypatch):
     cfg = [*TINY, "solver.max_iters=4", "eval_period=0", "checkpoint_period=0", "log_period=2"]
-    train(load_config("demo", cfg), tmp_path / "full", tiny_data, progress=False)
-    real = trainer.build_criterion
-    monkeypatch.setattr(trainer, "build_criterion",
-                        lambda c, n: SignalOnCall(real(c, n), signal.SIGTERM, 3))
-    run = tmp_path / "run"
-    with pytest.raises(TrainingStopped, match="stopped after iteration 3 of 4"):
-        train(load_config("demo", cfg), run, tiny_data, progress=False)
-    monkeypatch.setattr(trainer, "build_criterion", real)
-    train(load_config("demo", cfg), run, tiny_data, resume=True, progress=False)
+    full, run = _uninterrupted_and_stopped_in_iteration_3(cfg, tiny_data, tmp_path, monkeypatch,
+                                                          lambda run: None)
     # the row of iteration 4 averages iterations 3 (before the stop) and 4 (after it)
-    full = _without_timing(_rows(tmp_path / "full" / "metrics.csv"))
-    assert [r["step"] for r in full] == ["2", "4"]
-    assert _without_timing(_rows(run / "metrics.csv")) == full
+    full_rows = _without_timing(_rows(full / "metrics.csv"))
+    assert [r["step"] for r in full_rows] == ["2", "4"]
+    assert _without_timing(_rows(run / "metrics.csv")) == full_rows
 
 
 def test_ctrl_c_on_the_command_line_stops_with_a_checkpoint(synth, tmp_path):
