@@ -80,6 +80,8 @@ def test_malformed_yaml(tmp_path):
         load_config(path)
     with pytest.raises(GdistillError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(GdistillError, match=r"^.*: is a folder, not a config file \(packaged presets: "):
+        load_config(tmp_path)
 
 
 @pytest.mark.parametrize("name", preset_names())

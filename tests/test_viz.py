@@ -201,6 +201,8 @@ def test_plot_training_curves_tolerates_missing_files_and_columns(tmp_path):
     assert [p.name for p in plot_training_curves(run, tmp_path / "out")] == ["losses.png"]
     with pytest.raises(GdistillError, match="run folder not found"):
         plot_training_curves(tmp_path / "missing")
+    with pytest.raises(GdistillError, match="metrics.csv: is a file, not a run folder"):
+        plot_training_curves(run / "metrics.csv")
 
 
 def test_report_command_on_a_run_without_checkpoint(tmp_path, capsys):

@@ -364,7 +364,8 @@ def resolve_preset(path: str | Path) -> Path:
     packaged = PRESETS_DIR / f"{path.name}.yaml"
     if path.suffix == "" and packaged.is_file():
         return packaged
-    raise GdistillError(f"{path}: config file not found (packaged presets: {', '.join(preset_names())})")
+    found = "is a folder, not a config file" if path.is_dir() else "config file not found"
+    raise GdistillError(f"{path}: {found} (packaged presets: {', '.join(preset_names())})")
 
 
 def config_from_dict(values: dict[str, Any], source: str = "checkpoint") -> Config:

@@ -255,7 +255,8 @@ def write_report(
     ``val`` / ``images`` default to run.json's ``val`` / ``val_images``."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise GdistillError(f"{run_dir}: run folder not found")
+        found = "is a file, not a run folder" if run_dir.exists() else "run folder not found"
+        raise GdistillError(f"{run_dir}: {found}")
     if not any((run_dir / name).is_file() for name in RUN_FILES):
         runs = sorted(d.name for d in run_dir.iterdir() if d.is_dir() and (d / "run.json").is_file())
         hint = f" (runs inside it: {', '.join(runs[:5])})" if runs else ""

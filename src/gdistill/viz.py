@@ -653,7 +653,8 @@ def plot_training_curves(run_dir: str | Path, out_dir: str | Path | None = None)
     only when its columns hold numbers. Returns the written paths."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise GdistillError(f"{run_dir}: run folder not found")
+        found = "is a file, not a run folder" if run_dir.exists() else "run folder not found"
+        raise GdistillError(f"{run_dir}: {found}")
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     metrics = read_csv_columns(run_dir / "metrics.csv")
