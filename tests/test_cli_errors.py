@@ -728,8 +728,8 @@ def test_train_into_a_run_folder_needs_resume_or_overwrite(capsys, synth, teache
     (earlier / "metrics.csv").write_text("step,loss\n1,99\n")
     # stopped before its first checkpoint: --resume cannot help, so it is not offered
     fails(capsys, _train_argv(train_json, images, earlier), earlier,
-          "holds a run that stopped before its first checkpoint (metrics.csv, no last.pt to resume "
-          "from); pass --overwrite to start afresh there, or another --out")
+          "holds a run (metrics.csv) with no last.pt to resume from; pass --overwrite to start "
+          "afresh there, or another --out")
     for stale in ("best.pt", "last.prev.pt", "pictures/val_000099.png"):
         (earlier / stale).write_text("from the earlier run")
     (earlier / "notes.txt").write_text("the user's")

@@ -545,6 +545,18 @@ def test_nonfinite_steps_are_skipped(tiny_data, tmp_path, monkeypatch):
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 6
 
 
+def test_skipped_steps_are_counted_across_a_resume(tiny_data, tmp_path, monkeypatch):
+    _nan_criterion(monkeypatch, {1, 2, 3})
+    with pytest.warns(UserWarning, match="3 of the 6 steps"):
+        train(_stage_a(6), tmp_path, _no_val(tiny_data), progress=False)
+    monkeypatch.undo()
+    # as if killed after step 5: resume from the checkpoint before the last
+    shutil.copy(tmp_path / "last.prev.pt", tmp_path / "last.pt")
+    with pytest.warns(UserWarning, match="3 of the 6 steps of this run were skipped"):
+        train(_stage_a(6), tmp_path, _no_val(tiny_data), resume=True, progress=False)
+    assert [r["skipped_steps"] for r in _rows(tmp_path / "metrics.csv")] == ["3", "3", "3"]
+
+
 def test_nonfinite_every_step_stops_before_any_checkpoint(tiny_data, tmp_path, monkeypatch):
     _nan_criterion(monkeypatch, None)
     with pytest.raises(GdistillError, match="not finite 5 steps in a row") as err:

@@ -378,6 +378,38 @@ def test_a_failed_evaluation_keeps_the_iterations_before_it(tiny_data, tmp_path,
         "2", "4"]
 
 
+def test_an_evaluation_that_fails_is_redone_on_resume_and_logged_once(tiny_data, tmp_path,
+                                                                     monkeypatch):
+    """The picture drawn after the metrics fails (a full disk), and another time the last
+    iteration's evaluation fails: each resume evaluates that iteration again, one eval.csv row."""
+    import gdistill.engine.trainer as trainer
+
+    real = trainer.validation_picture
+
+    def disk_full(*args, **kwargs):
+        raise GdistillError("pictures/val.png: no space left")
+
+    cfg = load_config("demo", [*TINY, "solver.max_iters=4", "eval_period=2", "checkpoint_period=0"])
+    monkeypatch.setattr(trainer, "validation_picture", disk_full)
+    with pytest.raises(GdistillError, match="evaluation at iteration 2 failed"):
+        train(cfg, tmp_path / "r", tiny_data, progress=False)
+    monkeypatch.setattr(trainer, "validation_picture", real)
+    train(cfg, tmp_path / "r", tiny_data, resume=True, progress=False)
+    assert [r.split(",")[0] for r in (tmp_path / "r" / "eval.csv").read_text().splitlines()[1:]] == [
+        "2", "4"]
+
+    cfg = load_config("demo", [*TINY, "solver.max_iters=2", "eval_period=2", "checkpoint_period=0"])
+    monkeypatch.setattr(trainer, "validation_picture", disk_full)
+    with pytest.raises(GdistillError, match="evaluation at iteration 2 failed"):
+        train(cfg, tmp_path / "last", tiny_data, progress=False)
+    monkeypatch.setattr(trainer, "validation_picture", real)
+    result = train(cfg, tmp_path / "last", tiny_data, resume=True, progress=False)
+    assert result["step"] == 2 and "student_AP" in result
+    assert load_checkpoint(tmp_path / "last" / "last.pt")["last_eval"]["step"] == 2
+    assert (tmp_path / "last" / "best.pt").is_file()
+
+
+
 def test_a_labelled_image_failing_when_drawn_keeps_the_iterations_before_it(tiny_data, tmp_path,
                                                                            monkeypatch):
     """An image that only fails when decoded, drawn at iteration 3: last.pt holds the 2 done,

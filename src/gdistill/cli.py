@@ -458,8 +458,8 @@ def _check_fresh_run_folder(args: argparse.Namespace) -> None:
     found = [name for name in ("last.pt", "best.pt", "metrics.csv") if (args.out / name).exists()]
     if found and not any((args.out / name).exists() for name in ("last.pt", "last.prev.pt")):
         raise GdistillError(
-            f"{args.out}: holds a run that stopped before its first checkpoint ({found[0]}, no "
-            "last.pt to resume from); pass --overwrite to start afresh there, or another --out"
+            f"{args.out}: holds a run ({found[0]}) with no last.pt to resume from; pass --overwrite "
+            "to start afresh there, or another --out"
         )
     if found:
         raise GdistillError(

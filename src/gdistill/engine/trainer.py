@@ -867,8 +867,6 @@ def _train(
         if ema_model is not None and step > cfg.solver.ema_start:  # the average has begun
             row.update(evaluate_frozen(ema_model, "ema", ()))
         if main_process:
-            eval_log.write(row)
-            _add_scalars(tensorboard, row, "eval")
             validation_picture(
                 student,
                 data.val,
@@ -878,6 +876,9 @@ def _train(
                 cfg.data.test_short_side,
                 cfg.data.test_max_side,
             )
+            # Last: an evaluation that fails before this line is redone on resume, not logged twice.
+            eval_log.write(row)
+            _add_scalars(tensorboard, row, "eval")
         return row
 
     def checkpoint_payload(step: int, with_optimizer: bool) -> dict:
@@ -899,7 +900,8 @@ def _train(
             # the open log window, so that a resumed run's next metrics.csv row averages the
             # same iterations as an uninterrupted run's
             "log_window": {"sums": dict(window), "steps": window_steps,
-                           "seconds": time.perf_counter() - t_window},
+                           "seconds": time.perf_counter() - t_window,
+                           "skipped_steps": skipped_steps, "nonfinite_in_a_row": nonfinite_in_a_row},
         }
         if with_optimizer:
             rng_states = distributed.all_gather_objects(rng_state())
@@ -971,16 +973,21 @@ def _train(
     log_window = (state or {}).get("log_window") or {}
     window: dict[str, float] = dict(log_window.get("sums", {}))
     window_steps = log_window.get("steps", 0)
-    nonfinite_in_a_row = 0
-    skipped_steps = 0
+    nonfinite_in_a_row = log_window.get("nonfinite_in_a_row", 0)
+    skipped_steps = log_window.get("skipped_steps", 0)
     t_window = time.perf_counter() - log_window.get("seconds", 0.0)
     postfix: dict[str, str] = {}  # the progress bar's latest training numbers
-    if 0 < start_step < max_iters and eval_due(start_step) and val_loader is not None and (
+    if 0 < start_step <= max_iters and eval_due(start_step) and val_loader is not None and (
         last_eval.get("step") != start_step
     ):
         # A run stopped by a signal at an evaluation step saved before evaluating (a scheduler's
-        # grace period may be shorter than an evaluation): the evaluation comes first now.
+        # grace period may be shorter than an evaluation), or its evaluation failed: it comes
+        # first now.
         evaluate_and_keep_best(start_step)
+        if start_step == max_iters:  # nothing more to train: the finished run's state says so
+            payload = checkpoint_payload(start_step, with_optimizer=True)
+            if main_process:
+                rotate_and_save(payload, out_dir)
     stop.armed = True
     for step in range(start_step, max_iters):
         with_unlabelled = unlabelled_iter is not None and unsupervised_loss_active(
@@ -1048,9 +1055,9 @@ def _train(
                 loss = loss + loss_unsup
 
         # Every rank must skip a step together, or DDP would wait forever, and stop together on
-        # a signal that reached some of them: one all-reduce of (finite, -stop) with MIN.
+        # a signal that reached some of them: one all-reduce of (finite, -signal number) with MIN.
         flags = torch.stack([torch.isfinite(loss.detach()).float(),
-                             torch.tensor(-float(stop.requested), device=device)])
+                             torch.tensor(-float(stop.signum or 0), device=device)])
         if world > 1:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
         finite, stop_flag = flags.tolist()
@@ -1154,7 +1161,7 @@ def _train(
             if main_process:
                 plot_training_curves(out_dir)  # the curves so far
             distributed.barrier()
-            signum = stop.signum or signal.SIGTERM  # a rank the signal did not reach
+            signum = int(-stop_flag)  # the signal, also on a rank it did not reach
             raise TrainingStopped(
                 f"{signal.Signals(signum).name}: stopped after iteration {done} of {max_iters}; "
                 f"{out_dir / 'last.pt'} saved, the same command with --resume continues",
@@ -1163,7 +1170,7 @@ def _train(
     bar.close()
     if main_process and skipped_steps:
         warnings.warn(
-            f"{skipped_steps} of the {max_iters - start_step} steps of this run were skipped: their "
+            f"{skipped_steps} of the {max_iters} steps of this run were skipped: their "
             "loss was not finite (skipped_steps in metrics.csv); lower solver.lr if that recurs",
             stacklevel=2,
         )
