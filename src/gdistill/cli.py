@@ -268,10 +268,13 @@ def _check_split_not_replaced(args: argparse.Namespace, labelled: dict) -> None:
     if args.overwrite or not existing.is_file():
         return
     try:
-        earlier = {img["file_name"] for img in json.loads(existing.read_text())["images"]}
+        earlier = {(img["id"], img["file_name"]) for img in json.loads(existing.read_text())["images"]}
     except (OSError, ValueError, KeyError, TypeError):
-        earlier = None
-    if earlier != {img["file_name"] for img in labelled["images"]}:
+        raise GdistillError(
+            f"{existing}: exists and is not a split this command wrote; pass --overwrite to replace "
+            "it, or another --out"
+        ) from None
+    if earlier != {(img["id"], img["file_name"]) for img in labelled["images"]}:
         raise GdistillError(
             f"{existing}: holds another split; pass --overwrite to replace it (runs trained on it "
             "would go on with other labelled images), or another --out"
@@ -746,7 +749,7 @@ def _os_error_line(exc: OSError, args: argparse.Namespace) -> str:
     if folder is None:
         return reason
     folder = Path(folder)
-    if folder.suffix and not folder.is_dir():  # eval's --out is a file
+    if not folder.is_dir() and folder.parent.is_dir():  # eval's --out is a file
         folder = folder.parent
     try:
         free = f"; {shutil.disk_usage(folder).free / 2**20:.0f} MiB free there"

@@ -977,6 +977,7 @@ def _train(
     skipped_steps = log_window.get("skipped_steps", 0)
     t_window = time.perf_counter() - log_window.get("seconds", 0.0)
     postfix: dict[str, str] = {}  # the progress bar's latest training numbers
+    stop.armed = True  # a signal from here on stops after an iteration, with a checkpoint
     if 0 < start_step <= max_iters and eval_due(start_step) and val_loader is not None and (
         last_eval.get("step") != start_step
     ):
@@ -988,7 +989,6 @@ def _train(
             payload = checkpoint_payload(start_step, with_optimizer=True)
             if main_process:
                 rotate_and_save(payload, out_dir)
-    stop.armed = True
     for step in range(start_step, max_iters):
         with_unlabelled = unlabelled_iter is not None and unsupervised_loss_active(
             step, dist.burn_in, dist.burnin_iters
