@@ -897,9 +897,9 @@ def _train(
             "step": step,
             "best_ap": best_ap,
             "last_eval": last_eval,
-            # the open log window, so that a resumed run's next metrics.csv row averages the
-            # same iterations as an uninterrupted run's
-            "log_window": {"sums": dict(window), "steps": window_steps,
+            # the loop's counters and open log window, so that a resumed run's metrics.csv rows
+            # average the same iterations as an uninterrupted run's
+            "loop_state": {"sums": dict(window), "steps": window_steps,
                            "seconds": time.perf_counter() - t_window,
                            "skipped_steps": skipped_steps, "nonfinite_in_a_row": nonfinite_in_a_row},
         }
@@ -970,12 +970,12 @@ def _train(
             if main_process:
                 save_checkpoint(checkpoint_payload(done, with_optimizer=False), out_dir / "best.pt")
 
-    log_window = (state or {}).get("log_window") or {}
-    window: dict[str, float] = dict(log_window.get("sums", {}))
-    window_steps = log_window.get("steps", 0)
-    nonfinite_in_a_row = log_window.get("nonfinite_in_a_row", 0)
-    skipped_steps = log_window.get("skipped_steps", 0)
-    t_window = time.perf_counter() - log_window.get("seconds", 0.0)
+    loop_state = (state or {}).get("loop_state") or {}  # {} for a fresh run or an older build's
+    window: dict[str, float] = dict(loop_state.get("sums", {}))
+    window_steps = loop_state.get("steps", 0)
+    nonfinite_in_a_row = loop_state.get("nonfinite_in_a_row", 0)
+    skipped_steps = loop_state.get("skipped_steps", 0)
+    t_window = time.perf_counter() - loop_state.get("seconds", 0.0)
     postfix: dict[str, str] = {}  # the progress bar's latest training numbers
     stop.armed = True  # a signal from here on stops after an iteration, with a checkpoint
     if 0 < start_step <= max_iters and eval_due(start_step) and val_loader is not None and (
